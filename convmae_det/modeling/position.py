@@ -1,0 +1,179 @@
+"""Absolute and relative position encodings shared by every ConvViT variant.
+
+* absolute: 2-D sin-cos tables (pretraining) and bicubic resizing of learned tables to any grid;
+* relative, BEiT style: a ``((2h-1)*(2w-1), heads)`` table indexed by the 2-D offset between two
+  tokens, usable on any grid (cropped when the grid is smaller than the table, resized when larger);
+* relative, decomposed (MViTv2 / ViTDet): per-axis tables ``rel_pos_h/w`` turned into an additive
+  attention bias from the queries.
+
+Every function returns an *additive attention bias* so that the same attention kernel (explicit
+softmax or ``F.scaled_dot_product_attention``) serves all variants.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from detectron2.modeling.backbone.utils import get_rel_pos
+
+__all__ = [
+    "get_2d_sincos_pos_embed",
+    "resize_pos_embed",
+    "infer_grid",
+    "relative_position_index",
+    "resize_rel_pos_table",
+    "RelativePositionBias",
+    "table_rel_pos_bias",
+    "decomposed_rel_pos_bias",
+]
+
+
+def get_2d_sincos_pos_embed(dim: int, grid_hw: Tuple[int, int]) -> torch.Tensor:
+    """Fixed 2-D sin-cos table, MAE convention (first half encodes x, second half y).
+
+    Returns:
+        (1, h*w, dim) float32 tensor, row-major over the (h, w) grid.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"sin-cos position embedding needs dim % 4 == 0, got dim={dim}")
+    h, w = grid_hw
+    gy, gx = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+
+    def _one_axis(pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    table = np.concatenate([_one_axis(gx), _one_axis(gy)], axis=1)
+    return torch.from_numpy(table).float().unsqueeze(0)
+
+
+def infer_grid(num_tokens: int, hint: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+    """The (h, w) grid of a flattened table: ``hint`` if it fits, else the square one."""
+    if hint is not None and hint[0] * hint[1] == num_tokens:
+        return tuple(hint)
+    side = int(round(math.sqrt(num_tokens)))
+    if side * side != num_tokens:
+        raise ValueError(
+            f"cannot infer the grid of a position table with {num_tokens} tokens: it is not "
+            f"square and no matching (h, w) was given (hint={hint})"
+        )
+    return side, side
+
+
+def resize_pos_embed(
+    pos_embed: torch.Tensor, src_hw: Tuple[int, int], dst_hw: Tuple[int, int]
+) -> torch.Tensor:
+    """Bicubic resize (align_corners=False) of a (1, h*w, C) table to (1, H*W, C).
+
+    This is the official downstream behaviour: the pretrained 14x14 table is interpolated, never
+    recomputed as sin-cos. Returns the input unchanged when the grids are equal.
+    """
+    if tuple(src_hw) == tuple(dst_hw):
+        return pos_embed
+    c = pos_embed.shape[-1]
+    grid = pos_embed.reshape(1, src_hw[0], src_hw[1], c).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=tuple(dst_hw), mode="bicubic", align_corners=False)
+    return grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, dst_hw[0] * dst_hw[1], c)
+
+
+def relative_position_index(
+    hw: Tuple[int, int], table_hw: Optional[Tuple[int, int]] = None, device=None
+) -> torch.Tensor:
+    """(N, N) index into a BEiT table built for ``table_hw`` of the offsets of an ``hw`` grid.
+
+    The table stores offsets (dy, dx) in [-(th-1), th-1] x [-(tw-1), tw-1] row-major; for a grid no
+    larger than the table this selects exactly the offsets that occur.
+    """
+    h, w = hw
+    th, tw = table_hw if table_hw is not None else hw
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij"
+    )
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    dy = ys[:, None] - ys[None, :] + (th - 1)
+    dx = xs[:, None] - xs[None, :] + (tw - 1)
+    return dy * (2 * tw - 1) + dx
+
+
+def resize_rel_pos_table(
+    table: torch.Tensor, src_hw: Tuple[int, int], dst_hw: Tuple[int, int]
+) -> torch.Tensor:
+    """Bicubic resize of a BEiT table ((2h-1)*(2w-1), heads) to the table of another grid."""
+    if tuple(src_hw) == tuple(dst_hw):
+        return table
+    heads = table.shape[-1]
+    src = table.reshape(2 * src_hw[0] - 1, 2 * src_hw[1] - 1, heads).permute(2, 0, 1)[None]
+    dst = F.interpolate(
+        src.float(),
+        size=(2 * dst_hw[0] - 1, 2 * dst_hw[1] - 1),
+        mode="bicubic",
+        align_corners=False,
+    )
+    return dst[0].permute(1, 2, 0).reshape(-1, heads).to(table.dtype)
+
+
+def table_rel_pos_bias(
+    table: torch.Tensor, table_hw: Tuple[int, int], hw: Tuple[int, int]
+) -> torch.Tensor:
+    """Additive bias (heads, N, N) from a BEiT table for tokens on an ``hw`` grid.
+
+    Grids up to the table's size index the table directly (so results at the table's own size
+    are exactly the official ones); larger grids use a bicubically resized table.
+    """
+    if hw[0] > table_hw[0] or hw[1] > table_hw[1]:
+        table = resize_rel_pos_table(table, table_hw, hw)
+        table_hw = hw
+    index = relative_position_index(hw, table_hw, device=table.device)
+    n = hw[0] * hw[1]
+    return table[index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
+
+
+class RelativePositionBias(nn.Module):
+    """A BEiT-style relative-position table that several attention blocks share.
+
+    The parameter is named ``relative_position_bias_table`` (official key name), zero-initialised,
+    shaped ((2h-1)*(2w-1), num_heads) for the ``table_hw`` grid it was built for.
+    """
+
+    def __init__(self, *, table_hw: Tuple[int, int], num_heads: int):
+        super().__init__()
+        self.table_hw = tuple(table_hw)
+        self.num_heads = num_heads
+        num = (2 * self.table_hw[0] - 1) * (2 * self.table_hw[1] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num, num_heads))
+
+    def forward(self, hw: Tuple[int, int]) -> torch.Tensor:
+        """Returns the (num_heads, h*w, h*w) bias for an ``hw`` grid."""
+        return table_rel_pos_bias(self.relative_position_bias_table, self.table_hw, hw)
+
+    def extra_repr(self) -> str:
+        return f"table_hw={self.table_hw}, num_heads={self.num_heads}"
+
+
+def decomposed_rel_pos_bias(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: Tuple[int, int]
+) -> torch.Tensor:
+    """Decomposed relative-position bias of MViTv2 / ViTDet as an additive attention mask.
+
+    Args:
+        q: (B, heads, h*w, head_dim) *unscaled* queries.
+        rel_pos_h, rel_pos_w: (2*size-1, head_dim) tables; interpolated (linearly, as detectron2
+            does) when ``hw`` differs from the size they were built for.
+    Returns:
+        (B, heads, h*w, h*w) bias equal to what ``add_decomposed_rel_pos`` adds to the logits.
+    """
+    h, w = hw
+    b, heads, n, dim = q.shape
+    rh = get_rel_pos(h, h, rel_pos_h)  # (h, h, dim)
+    rw = get_rel_pos(w, w, rel_pos_w)  # (w, w, dim)
+    r_q = q.reshape(b, heads, h, w, dim)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh.to(q.dtype))
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw.to(q.dtype))
+    bias = bias_h[..., :, None] + bias_w[..., None, :]  # (b, heads, h, w, h, w)
+    return bias.reshape(b, heads, n, n)
