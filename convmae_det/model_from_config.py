@@ -16,13 +16,15 @@ class ConfigError(ValueError):
 
 
 def config_kind(path: str) -> str:
-    """"lazy" for ``.py`` files, "yacs" for ``.yaml`` / ``.yml``."""
+    """ "lazy" for ``.py`` files, "yacs" for ``.yaml`` / ``.yml``."""
     ext = os.path.splitext(path)[1].lower()
     if ext == ".py":
         return "lazy"
     if ext in (".yaml", ".yml"):
         return "yacs"
-    raise ConfigError(f"{path}: unknown config type {ext!r}; expected a LazyConfig .py or a yacs .yaml")
+    raise ConfigError(
+        f"{path}: unknown config type {ext!r}; expected a LazyConfig .py or a yacs .yaml"
+    )
 
 
 def load_any_config(path: str, opts: Optional[Sequence[str]] = None) -> Tuple[Any, str]:
