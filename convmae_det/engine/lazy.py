@@ -17,7 +17,6 @@ import logging
 from typing import Any, Dict, Optional
 
 import torch.nn as nn
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.engine import default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
@@ -25,6 +24,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from omegaconf import DictConfig
 
+from ..checkpoint import ConvMAECheckpointer
 from .config import check_datasets, dataset_names_in_config
 from .trainer import build_trainer, count_parameters, resolve_device
 
@@ -33,22 +33,23 @@ __all__ = ["build_checkpointer", "load_weights", "lazy_test", "lazy_train", "laz
 logger = logging.getLogger("detectron2")
 
 
-def build_checkpointer(model: nn.Module, save_dir: str = "", **kwargs) -> DetectionCheckpointer:
-    """Our checkpointer (reads every supported format and logs a report), or detectron2's
-    DetectionCheckpointer when ``convmae_det.checkpoint`` is unavailable."""
-    try:
-        from ..checkpoint import ConvMAECheckpointer
-    except ImportError:  # pragma: no cover - only before the loader package exists
-        return DetectionCheckpointer(model, save_dir, **kwargs)
+def build_checkpointer(model: nn.Module, save_dir: str = "", **kwargs) -> ConvMAECheckpointer:
+    """Our checkpointer: reads every supported format, logs a report, saves atomically."""
     return ConvMAECheckpointer(model, save_dir, **kwargs)
 
 
-def load_weights(checkpointer: DetectionCheckpointer, path: str, *, strict: bool = False) -> None:
-    """Load ``path`` (no-op when empty); with ``strict``, a partial match is an error."""
+def load_weights(checkpointer: ConvMAECheckpointer, path: str, *, strict: bool = False) -> None:
+    """Load ``path`` into the checkpointer's model (no-op when empty). The loader logs its
+    report; with ``strict`` anything unexplained (missing, unexpected, mismatched) raises
+    :class:`convmae_det.checkpoint.CheckpointError`."""
     if not path:
         logger.info("No init checkpoint: training from scratch")
         return
-    checkpointer.load(path)
+    previous, checkpointer.strict = checkpointer.strict, strict
+    try:
+        checkpointer.load(path)
+    finally:
+        checkpointer.strict = previous
 
 
 def lazy_test(cfg: DictConfig, model: nn.Module) -> Dict[str, Any]:
