@@ -14,6 +14,7 @@ datasets are checked before anything is built, and the final metrics are returne
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Dict, Optional
 
 import torch.nn as nn
@@ -81,14 +82,21 @@ def lazy_eval_only(cfg: DictConfig, *, strict: Optional[bool] = None) -> Dict[st
 
 
 def lazy_train(
-    cfg: DictConfig, *, resume: bool = False, strict: Optional[bool] = None
+    cfg: DictConfig,
+    *,
+    resume: bool = False,
+    strict: Optional[bool] = None,
+    timings: Optional[Dict[str, float]] = None,
 ) -> Dict[str, Any]:
     """Train ``cfg`` from ``train.init_checkpoint`` (or resume from ``train.output_dir``).
 
     Periodic checkpoints (``train.checkpointer``), evaluation every ``train.eval_period`` and at
     the end, ``metrics.json`` / tensorboard / console (with ETA) every ``train.log_period``.
-    Returns the results of the last evaluation ({} when none ran).
+    Returns the results of the last evaluation ({} when none ran). ``timings``, if given, receives
+    ``train_seconds`` (the training loop without evaluation) and ``eval_seconds``.
     """
+    timings = {} if timings is None else timings
+    timings.update(train_seconds=0.0, eval_seconds=0.0)
     check_datasets(dataset_names_in_config(cfg))
     device = _device(cfg)
     model = instantiate(cfg.model).to(device)
@@ -114,8 +122,10 @@ def lazy_train(
     last_results: Dict[str, Any] = {}
 
     def evaluate() -> Dict[str, Any]:
+        start = time.perf_counter()
         last_results.clear()
         last_results.update(lazy_test(cfg, model))
+        timings["eval_seconds"] += time.perf_counter() - start
         return dict(last_results)
 
     main = comm.is_main_process()
@@ -146,5 +156,7 @@ def lazy_train(
     if start_iter >= cfg.train.max_iter:
         logger.info(f"Nothing to train: start_iter={start_iter} >= max_iter={cfg.train.max_iter}")
         return evaluate()
+    start = time.perf_counter()
     trainer.train(start_iter, cfg.train.max_iter)
+    timings["train_seconds"] = time.perf_counter() - start - timings["eval_seconds"]
     return dict(last_results)
