@@ -204,3 +204,13 @@ def test_amp_training_steps_on_cuda(precision, data_root, monkeypatch):
     assert isinstance(trainer, MixedPrecisionTrainer)
     trainer.train(0, 2)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_tool_reports_a_bad_override_and_a_missing_dataset_without_a_traceback(data_root):
+    proc = run_tool(["--config-file", PAPER_TOY, "train.max_iters=3"], data_root)
+    assert proc.returncode == 2
+    assert "error: unknown config key 'train.max_iters'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_tool(["--config-file", PAPER_TOY, "dataloader.test.dataset.names=no_such_set"],
+                    data_root)  # fmt: skip
+    assert proc.returncode == 2 and "dataset 'no_such_set'" in proc.stderr

@@ -33,6 +33,8 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import convmae_det  # noqa: E402,F401  (compatibility fixes, dataset registration)
 import convmae_det.data  # noqa: E402,F401
 from convmae_det.engine import (  # noqa: E402
+    check_datasets,
+    dataset_names_in_config,
     default_lazy_setup,
     lazy_eval_only,
     lazy_train,
@@ -70,8 +72,20 @@ def main(args) -> dict:
     return results
 
 
+def preflight(args) -> None:
+    """Refuse bad overrides and missing datasets before any process is started."""
+    try:
+        cfg = load_lazy_config(args.config_file, args.opts)
+        check_datasets(dataset_names_in_config(cfg))
+    except (KeyError, FileNotFoundError, ValueError) as exc:
+        message = exc.args[0] if exc.args else str(exc)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def invoke_main() -> None:
     args = build_parser().parse_args()
+    preflight(args)
     launch(
         main,
         args.num_gpus,
