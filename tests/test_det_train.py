@@ -11,11 +11,12 @@ import sys
 import pytest
 import torch
 from detectron2.config import instantiate
+from detectron2.data import DatasetCatalog
 from detectron2.engine import SimpleTrainer
 
 import convmae_det.data  # noqa: F401
 from convmae_det.checkpoint import CheckpointError
-from convmae_det.data.datasets.toy_coco import ensure_toy_split
+from convmae_det.data.datasets.toy_coco import register_toy_coco
 from convmae_det.engine import (
     MixedPrecisionTrainer,
     build_trainer,
@@ -42,8 +43,10 @@ FAST = [
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("d2data"))
-    ensure_toy_split("toy_coco_mini", os.path.join(root, "toy_coco"))
-    return root
+    register_toy_coco(["toy_coco_mini"], root=os.path.join(root, "toy_coco"))
+    DatasetCatalog.get("toy_coco_mini")  # generate once for every test of this module
+    yield root
+    register_toy_coco(["toy_coco_mini"])
 
 
 def run_tool(args, data_root, timeout=600):
@@ -133,8 +136,7 @@ def test_missing_or_unregistered_dataset_is_named(tmp_path, monkeypatch):
         check_datasets(dataset_names_in_config(cfg))
 
 
-def test_strict_init_from_the_wrong_variant_fails_with_the_report(tmp_path, data_root, monkeypatch):
-    monkeypatch.setenv("DETECTRON2_DATASETS", data_root)
+def test_strict_init_from_the_wrong_variant_fails_with_the_report(tmp_path, data_root):
     vitdet = instantiate(load_lazy_config(VITDET_TOY).model)
     path = str(tmp_path / "vitdet_style.pth")
     torch.save({"model": vitdet.state_dict()}, path)
@@ -192,8 +194,7 @@ def test_amp_is_turned_off_on_cpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_amp_training_steps_on_cuda(precision, data_root, monkeypatch):
-    monkeypatch.setenv("DETECTRON2_DATASETS", data_root)
+def test_amp_training_steps_on_cuda(precision, data_root):
     cfg = load_lazy_config(VITDET_TOY, FAST)
     model = instantiate(cfg.model).cuda()
     cfg.optimizer.params.model = model

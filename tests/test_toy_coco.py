@@ -16,7 +16,13 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
 import convmae_det.data  # noqa: F401  (registers the toy datasets)
-from convmae_det.data.datasets.toy_coco import TOY_CLASSES, TOY_SPLITS, generate_toy_split
+from convmae_det.data.datasets.toy_coco import (
+    TOY_CLASSES,
+    TOY_SPLITS,
+    generate_toy_split,
+    register_toy_coco,
+    toy_coco_root,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,19 +98,26 @@ def test_object_sizes_span_tiny_to_large_and_all_classes_appear(val_split):
     assert {a["category_id"] for a in anns} == set(range(1, len(TOY_CLASSES) + 1))
 
 
-def test_registered_split_is_generated_on_first_use_under_detectron2_datasets(
-    tmp_path, monkeypatch
-):
+def test_registered_split_is_generated_on_first_use(tmp_path):
+    register_toy_coco(["toy_coco_mini"], root=str(tmp_path / "toy_coco"))
+    try:
+        json_file = str(tmp_path / "toy_coco" / "annotations" / "instances_mini.json")
+        meta = MetadataCatalog.get("toy_coco_mini")
+        assert meta.json_file == json_file and not os.path.exists(json_file)
+        dicts = DatasetCatalog.get("toy_coco_mini")
+        assert os.path.isfile(json_file)
+        assert len(dicts) == TOY_SPLITS["toy_coco_mini"][1]
+        assert all(d["file_name"].startswith(str(tmp_path)) for d in dicts)
+        assert all(len(d["annotations"]) >= 1 for d in dicts)
+        assert meta.thing_classes == list(TOY_CLASSES) and meta.evaluator_type == "coco"
+        assert {"toy_coco_train", "toy_coco_val", "toy_coco_mini"} <= set(DatasetCatalog.list())
+    finally:
+        register_toy_coco(["toy_coco_mini"])  # back to the default root
+
+
+def test_default_root_follows_detectron2_datasets(monkeypatch, tmp_path):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
-    dicts = DatasetCatalog.get("toy_coco_mini")
-    assert len(dicts) == TOY_SPLITS["toy_coco_mini"][1]
-    assert os.path.isfile(tmp_path / "toy_coco" / "annotations" / "instances_mini.json")
-    assert all(d["file_name"].startswith(str(tmp_path)) for d in dicts)
-    assert all(len(d["annotations"]) >= 1 for d in dicts)
-    meta = MetadataCatalog.get("toy_coco_mini")
-    assert meta.thing_classes == list(TOY_CLASSES) and meta.evaluator_type == "coco"
-    assert meta.json_file == str(tmp_path / "toy_coco" / "annotations" / "instances_mini.json")
-    assert {"toy_coco_train", "toy_coco_val", "toy_coco_mini"} <= set(DatasetCatalog.list())
+    assert toy_coco_root() == str(tmp_path / "toy_coco")
 
 
 def test_train_and_val_images_differ():

@@ -126,7 +126,8 @@ def dataset_names_in_config(cfg: DictConfig) -> List[tuple]:
 
 def check_datasets(names: Iterable[tuple]) -> None:
     """Fail early, naming the dataset and config key, when a dataset is unregistered or its
-    annotation file / image folder is missing (toy datasets are generated on first use)."""
+    annotation file / image folder is missing. Datasets generated on first use (the toy
+    datasets: metadata ``generated_on_first_use``) are generated here."""
     registered = set(DatasetCatalog.list())
     root = os.getenv("DETECTRON2_DATASETS", "datasets")
     for name, key in names:
@@ -136,9 +137,12 @@ def check_datasets(names: Iterable[tuple]) -> None:
                 f"include: {', '.join(sorted(registered)[:12])} ... See datasets/README.md."
             )
         meta = MetadataCatalog.get(name)
+        if meta.get("generated_on_first_use", False):
+            DatasetCatalog.get(name)  # generate now, so that evaluators find the json file
+            continue
         for attr in ("json_file", "image_root"):
             path = getattr(meta, attr, None)
-            if path and not os.path.exists(path) and not name.startswith("toy_"):
+            if path and not os.path.exists(path):
                 raise FileNotFoundError(
                     f"dataset '{name}' (config key {key}): {attr} '{path}' does not exist. "
                     f"Datasets are looked up under $DETECTRON2_DATASETS (now '{root}'); "

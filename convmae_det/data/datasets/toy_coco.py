@@ -56,9 +56,9 @@ TOY_SPLITS: Dict[str, Tuple[str, int, int]] = {
     "toy_coco_val": ("val", 100, 1_000_003),
     "toy_coco_mini": ("mini", 16, 2_000_003),
 }
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _IMAGE_SIZE_RANGE = (160, 224)  # height and width drawn independently, multiples of 8
-_RADIUS_RANGE = (5.0, 72.0)  # circumradius in pixels, log-uniform
+_RADIUS_RANGE = (6.0, 80.0)  # circumradius in pixels, log-uniform
 _MIN_VISIBLE = 0.5
 
 
@@ -312,29 +312,35 @@ def ensure_toy_split(name: str, root: Optional[str] = None) -> Tuple[str, str]:
 
 
 def _load(name: str) -> List[dict]:
-    json_file, image_root = ensure_toy_split(name)
     meta = MetadataCatalog.get(name)
-    if getattr(meta, "json_file", json_file) != json_file:  # the data root moved
-        MetadataCatalog.remove(name)
-        meta = MetadataCatalog.get(name)
-        _set_static_metadata(name)
-    meta.set(json_file=json_file, image_root=image_root)
+    root = os.path.dirname(os.path.dirname(meta.json_file))
+    json_file, image_root = ensure_toy_split(name, root)
     return load_coco_json(json_file, image_root, name)
 
 
-def _set_static_metadata(name: str) -> None:
-    MetadataCatalog.get(name).set(
-        thing_classes=list(TOY_CLASSES), thing_colors=list(TOY_COLORS), evaluator_type="coco"
-    )
-
-
-def register_toy_coco(names: Sequence[str] = tuple(TOY_SPLITS)) -> None:
-    """Register the toy splits (idempotent). Data is generated lazily by ``DatasetCatalog.get``."""
+def register_toy_coco(names: Sequence[str] = tuple(TOY_SPLITS), root: Optional[str] = None) -> None:
+    """Register the toy splits under ``root`` (default :func:`toy_coco_root`, read now, as
+    detectron2's builtins do). Data is generated lazily, by ``DatasetCatalog.get`` or
+    :func:`ensure_toy_split`. Registering again with another root replaces the registration."""
+    root = os.path.abspath(root or toy_coco_root())
     for name in names:
+        split = TOY_SPLITS[name][0]
+        json_file = os.path.join(root, "annotations", f"instances_{split}.json")
         if name in DatasetCatalog.list():
-            continue
+            if MetadataCatalog.get(name).get("json_file") == json_file:
+                continue
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
         DatasetCatalog.register(name, lambda name=name: _load(name))
-        _set_static_metadata(name)
+        MetadataCatalog.get(name).set(
+            json_file=json_file,
+            image_root=os.path.join(root, split),
+            evaluator_type="coco",
+            thing_classes=list(TOY_CLASSES),
+            thing_colors=list(TOY_COLORS),
+            thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(TOY_CLASSES))},
+            generated_on_first_use=True,
+        )
 
 
 register_toy_coco()
