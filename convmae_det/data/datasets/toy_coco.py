@@ -1,7 +1,7 @@
 """A small, deterministic COCO-format instance dataset of shapes, and its registration.
 
 Each image has a textured background (smooth noise, stripes, checkerboard or gradient) and
-2-8 filled shapes of five classes (circle, triangle, square, star, cross) with random colour,
+4-12 filled shapes of five classes (circle, triangle, square, star, cross) with random colour,
 size (from about 10 px to most of the image), rotation and aspect. Shapes may overlap: later
 shapes occlude earlier ones, and the annotations describe the *visible* part (polygons, box and
 area), as COCO does. Placements that would hide more than half of a shape, or cut a hole into it,
@@ -56,7 +56,7 @@ TOY_SPLITS: Dict[str, Tuple[str, int, int]] = {
     "toy_coco_val": ("val", 100, 1_000_003),
     "toy_coco_mini": ("mini", 16, 2_000_003),
 }
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 _IMAGE_SIZE_RANGE = (160, 224)  # height and width drawn independently, multiples of 8
 _RADIUS_RANGE = (6.0, 80.0)  # circumradius in pixels, log-uniform
 _MIN_VISIBLE = 0.5
@@ -172,12 +172,12 @@ def _sample_image(rng: np.random.Generator) -> Tuple[np.ndarray, List[Tuple[int,
     h = int(rng.integers(_IMAGE_SIZE_RANGE[0] // 8, _IMAGE_SIZE_RANGE[1] // 8 + 1)) * 8
     w = int(rng.integers(_IMAGE_SIZE_RANGE[0] // 8, _IMAGE_SIZE_RANGE[1] // 8 + 1)) * 8
     frame = box(0, 0, w, h)
-    target = int(rng.integers(2, 9))
+    target = int(rng.integers(4, 13))
     classes: List[int] = []
     polys: List[Polygon] = []
     visible = []
     attempts = 0
-    while len(polys) < target and attempts < 60:
+    while len(polys) < target and attempts < 100:
         attempts += 1
         cls = int(rng.integers(len(TOY_CLASSES)))
         r = float(np.exp(rng.uniform(np.log(_RADIUS_RANGE[0]), np.log(_RADIUS_RANGE[1]))))
