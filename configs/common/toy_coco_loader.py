@@ -18,7 +18,7 @@ dataloader.train.mapper.image_format = "RGB"
 dataloader.train.mapper.use_instance_mask = True
 dataloader.train.mapper.recompute_boxes = True
 dataloader.train.total_batch_size = 4
-dataloader.train.num_workers = 1
+dataloader.train.num_workers = 0
 
 dataloader.test.dataset.names = "toy_coco_val"
 dataloader.test.mapper.augmentations = []

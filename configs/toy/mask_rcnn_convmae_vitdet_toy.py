@@ -43,13 +43,13 @@ model.roi_heads.mask_head.conv_dims = [48, 48, 48, 48, 48]
 
 train.output_dir = "./output/toy/mask_rcnn_convmae_vitdet_toy"
 train.device = "cpu"
-train.max_iter = 1000
+train.max_iter = 1500
 train.eval_period = 0
 train.log_period = 20
 train.checkpointer = dict(period=500, max_to_keep=2)
 train.seed = 0
 
-optimizer.lr = 1e-3
+optimizer.lr = 2e-3
 optimizer.weight_decay = 0.05
 optimizer.params.lr_factor_func = partial(
     get_convvit_lr_decay_rate, num_layers=3, lr_decay_rate=0.9

@@ -44,13 +44,13 @@ model.roi_heads.mask_head.conv_norm = ""
 
 train.output_dir = "./output/toy/mask_rcnn_convvitdet_toy"
 train.device = "cpu"
-train.max_iter = 1000
+train.max_iter = 1500
 train.eval_period = 0
 train.log_period = 20
 train.checkpointer = dict(period=500, max_to_keep=2)
 train.seed = 0
 
-optimizer.lr = 1e-3
+optimizer.lr = 2e-3
 optimizer.weight_decay = 0.05
 
 lr_multiplier = L(WarmupParamScheduler)(
