@@ -131,7 +131,7 @@ def test_missing_or_unregistered_dataset_is_named(tmp_path, monkeypatch):
     with pytest.raises(KeyError, match="shapes_that_do_not_exist.*dataloader.train.dataset.names"):
         check_datasets(dataset_names_in_config(cfg))
     monkeypatch.chdir(tmp_path)  # builtin COCO paths are relative to the working directory
-    cfg = load_lazy_config(PAPER_TOY, ["dataloader.test.dataset.names=coco_2017_val"])
+    cfg = load_lazy_config(PAPER_TOY, FAST[:1] + ["dataloader.test.dataset.names=coco_2017_val"])
     with pytest.raises(FileNotFoundError, match="coco_2017_val.*instances_val2017.json"):
         check_datasets(dataset_names_in_config(cfg))
 
@@ -215,3 +215,18 @@ def test_tool_reports_a_bad_override_and_a_missing_dataset_without_a_traceback(d
     proc = run_tool(["--config-file", PAPER_TOY, "dataloader.test.dataset.names=no_such_set"],
                     data_root)  # fmt: skip
     assert proc.returncode == 2 and "dataset 'no_such_set'" in proc.stderr
+
+
+def test_detection_demo_function_returns_metrics_and_drawings(tmp_path, data_root):
+    from convmae_det.engine.demo_detection import run_detection_demo
+
+    out = str(tmp_path / "demo")
+    metrics = run_detection_demo(
+        out, overrides=FAST + ["dataloader.test.dataset.names=toy_coco_mini"], num_processes=1,
+        num_visualizations=1,
+    )  # fmt: skip
+    assert metrics["iterations"] == 2 and metrics["num_processes"] == 1
+    assert 0.0 <= metrics["box_AP"] <= 100.0 and 0.0 <= metrics["mask_AP"] <= 100.0
+    assert metrics["train_seconds"] > 0 and metrics["eval_seconds"] > 0
+    assert len(metrics["visualizations"]) == 1 and os.path.isfile(metrics["visualizations"][0])
+    assert json.load(open(os.path.join(out, "demo_metrics.json")))["box_AP"] == metrics["box_AP"]

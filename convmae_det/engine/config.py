@@ -128,14 +128,16 @@ def check_datasets(names: Iterable[tuple]) -> None:
     """Fail early, naming the dataset and config key, when a dataset is unregistered or its
     annotation file / image folder is missing. Datasets generated on first use (the toy
     datasets: metadata ``generated_on_first_use``) are generated here."""
+    names = list(names)
     registered = set(DatasetCatalog.list())
     root = os.getenv("DETECTRON2_DATASETS", "datasets")
-    for name, key in names:
+    for name, key in names:  # all names first: a typo fails before any data is generated
         if name not in registered:
             raise KeyError(
                 f"dataset '{name}' (config key {key}) is not registered. Registered datasets "
                 f"include: {', '.join(sorted(registered)[:12])} ... See datasets/README.md."
             )
+    for name, key in names:
         meta = MetadataCatalog.get(name)
         if meta.get("generated_on_first_use", False):
             DatasetCatalog.get(name)  # generate now, so that evaluators find the json file
