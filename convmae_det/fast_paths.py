@@ -2,9 +2,12 @@
 
 Every switch keeps the numbers of the plain path (checked in ``tests/test_fast_paths.py``):
 
-* ``fused_attn``: stage-3 attention through ``F.scaled_dot_product_attention`` with the relative
-  position term as an additive mask (shared tables are built once per forward and broadcast over
-  the batch; see :meth:`ConvViT.forward_stage3`), instead of explicit QK^T, fp32 softmax, @V;
+* ``attn``: stage-3 attention through ``F.scaled_dot_product_attention`` ("sdpa") with the
+  relative-position term as an additive mask (shared tables are built once per forward and
+  broadcast over the batch; see :meth:`ConvViT.forward_stage3`), or the explicit QK^T, fp32
+  softmax, @V ("explicit"). "auto" takes SDPA except when training on the CPU with a relative
+  position bias: PyTorch's CPU SDPA kernel has no gradient for the mask, falls back to an fp32
+  math path and is then about 1.6x slower than the explicit path (the CUDA kernels do have it);
 * ``dtype="bf16"``: ``torch.autocast`` end to end. Matmuls and convolutions run in bf16, the
   residual stream, softmax statistics (SDPA kernels, the explicit path's ``float()``) and the
   detectron2 losses (cross entropy, BCE, smooth L1 are fp32 under autocast) stay fp32;
@@ -34,11 +37,16 @@ __all__ = [
     "DTYPES",
     "autocast",
     "find_convvit_encoders",
+    "ATTN_CHOICES",
+    "resolve_attn",
     "set_fused_attn",
     "set_act_checkpoint",
     "set_channels_last",
     "apply_fast_paths",
+    "fast_path_coverage",
 ]
+
+ATTN_CHOICES = ("auto", "sdpa", "explicit")
 
 DTYPES: Dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -52,20 +60,22 @@ class FastPaths:
     """Which fast paths are on.
 
     Attributes:
-        fused_attn: SDPA attention instead of the explicit softmax path.
+        attn: "sdpa", "explicit" or "auto" (see the module docstring and :func:`resolve_attn`).
         dtype: "fp32" (no autocast), "bf16" or "fp16" (``torch.autocast`` with that dtype).
         channels_last: NHWC weights and inputs for the convolutions.
         act_checkpoint: stages whose blocks are recomputed in backward, subset of (1, 2, 3).
         compile: ``torch.compile`` the backbone.
     """
 
-    fused_attn: bool = True
+    attn: str = "auto"
     dtype: str = "fp32"
     channels_last: bool = False
     act_checkpoint: Tuple[int, ...] = ()
     compile: bool = False
 
     def __post_init__(self) -> None:
+        if self.attn not in ATTN_CHOICES:
+            raise ValueError(f"FastPaths.attn={self.attn!r}; expected one of {ATTN_CHOICES}")
         if self.dtype not in DTYPES:
             raise ValueError(f"FastPaths.dtype={self.dtype!r}; expected one of {sorted(DTYPES)}")
         bad = [s for s in self.act_checkpoint if s not in (1, 2, 3)]
@@ -79,8 +89,8 @@ class FastPaths:
         return out
 
 
-PLAIN = FastPaths(fused_attn=False, dtype="fp32")
-FAST = FastPaths(fused_attn=True, dtype="bf16", channels_last=True)
+PLAIN = FastPaths(attn="explicit", dtype="fp32")
+FAST = FastPaths(attn="auto", dtype="bf16", channels_last=True)
 
 
 def autocast(device: torch.device | str, dtype: str) -> contextlib.AbstractContextManager:
@@ -100,9 +110,23 @@ def find_convvit_encoders(model: nn.Module) -> List[nn.Module]:
     return [m for m in model.modules() if isinstance(m, ConvViT)]
 
 
+def resolve_attn(
+    model: nn.Module, attn: str, *, device: torch.device | str, training: bool
+) -> bool:
+    """Whether ``attn`` means SDPA for ``model`` on ``device`` (``training``: gradients flow)."""
+    if attn not in ATTN_CHOICES:
+        raise ValueError(f"attn={attn!r}; expected one of {ATTN_CHOICES}")
+    if attn != "auto":
+        return attn == "sdpa"
+    if torch.device(device).type != "cpu" or not training:
+        return True
+    return not any(enc.rel_pos != "none" for enc in find_convvit_encoders(model))
+
+
 def set_fused_attn(model: nn.Module, fused: bool) -> int:
-    """Switch every attention module that has a ``fused`` flag (ConvViT) or a
-    ``set_fused_attn`` method. Returns how many attention modules were switched."""
+    """Switch every ConvViT attention module between SDPA and the explicit path. Returns how many
+    modules were switched (other attention implementations, e.g. detectron2's ViT, are left as
+    they are)."""
     from .modeling.convvit import Attention
 
     count = 0
@@ -176,19 +200,44 @@ def _backbone_of(model: nn.Module) -> nn.Module:
 
 
 def apply_fast_paths(
-    model: nn.Module, paths: FastPaths, *, compile_target: Optional[nn.Module] = None
+    model: nn.Module,
+    paths: FastPaths,
+    *,
+    device: torch.device | str = "cpu",
+    training: bool = False,
+    compile_target: Optional[nn.Module] = None,
 ) -> nn.Module:
-    """Apply ``paths`` to ``model`` in place and return it.
+    """Apply ``paths`` to ``model`` in place and return it (every switch is set, so applying
+    other paths later switches back).
 
-    ``dtype`` is not applied here (it is an autocast region around the step, see :func:`autocast`);
+    ``attn`` is resolved for ``device`` and ``training`` (see :func:`resolve_attn`). ``dtype`` is
+    not applied here (it is an autocast region around the step, see :func:`autocast`);
     ``compile`` compiles ``compile_target`` (default: ``model.backbone`` if present, else ``model``)
     with ``nn.Module.compile``.
     """
-    set_fused_attn(model, paths.fused_attn)
+    set_fused_attn(model, resolve_attn(model, paths.attn, device=device, training=training))
     set_act_checkpoint(model, paths.act_checkpoint)
-    if paths.channels_last:
-        set_channels_last(model, True)
+    set_channels_last(model, paths.channels_last)
     if paths.compile:
         target = compile_target if compile_target is not None else _backbone_of(model)
         target.compile(dynamic=False)
     return model
+
+
+def fast_path_coverage(model: nn.Module) -> Dict[str, int]:
+    """How much of ``model`` the switches reach: ConvViT encoders, their attention modules (and
+    how many use SDPA), and checkpointed blocks."""
+    from .modeling.convvit import Attention
+
+    attn = [m for m in model.modules() if isinstance(m, Attention)]
+    encoders = find_convvit_encoders(model)
+    ckpt = 0
+    for enc in encoders:
+        ckpt += sum("forward" in blk.__dict__ for blk in list(enc.blocks1) + list(enc.blocks2))
+        ckpt += len(enc.blocks3) if enc.use_act_checkpoint else 0
+    return {
+        "convvit_encoders": len(encoders),
+        "attention_modules": len(attn),
+        "sdpa_attention_modules": sum(m.fused for m in attn),
+        "checkpointed_blocks": ckpt,
+    }

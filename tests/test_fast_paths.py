@@ -11,6 +11,8 @@ from convmae_det.fast_paths import (
     act_checkpoint_disabled,
     apply_fast_paths,
     autocast,
+    fast_path_coverage,
+    resolve_attn,
     set_act_checkpoint,
     set_channels_last,
     set_fused_attn,
@@ -175,7 +177,7 @@ def test_checkpointing_is_off_in_eval_and_can_be_suspended():
 
 def test_apply_fast_paths_switches_every_attention_module():
     model = _model("shared")
-    apply_fast_paths(model, FastPaths(fused_attn=False, channels_last=True, act_checkpoint=(3,)))
+    apply_fast_paths(model, FastPaths(attn="explicit", channels_last=True, act_checkpoint=(3,)))
     assert all(not blk.attn.fused for blk in model.blocks3)
     assert model.use_act_checkpoint
     assert model.patch_embed1.proj.weight.is_contiguous(memory_format=torch.channels_last)
@@ -184,6 +186,8 @@ def test_apply_fast_paths_switches_every_attention_module():
 def test_fast_path_settings_are_validated():
     with pytest.raises(ValueError, match="dtype"):
         FastPaths(dtype="int8")
+    with pytest.raises(ValueError, match="attn"):
+        FastPaths(attn="flash")
     with pytest.raises(ValueError, match="stages"):
         FastPaths(act_checkpoint=(4,))
     assert FastPaths(act_checkpoint=(3, 1, 3)).act_checkpoint == (1, 3)
@@ -201,3 +205,21 @@ def test_compiled_backbone_matches_eager():
         apply_fast_paths(model, FastPaths(compile=True))
         out = model(x)["e3"]
     assert torch.allclose(out, ref, atol=1e-4)
+
+
+def test_auto_attention_takes_sdpa_except_for_cpu_training_with_relative_positions():
+    with_bias, without = _model("shared"), _model("none")
+    assert resolve_attn(with_bias, "auto", device="cpu", training=False)
+    assert not resolve_attn(with_bias, "auto", device="cpu", training=True)
+    assert resolve_attn(without, "auto", device="cpu", training=True)
+    assert resolve_attn(with_bias, "auto", device="cuda", training=True)
+    assert not resolve_attn(with_bias, "explicit", device="cuda", training=False)
+    apply_fast_paths(with_bias, FastPaths(attn="auto"), device="cpu", training=True)
+    assert fast_path_coverage(with_bias)["sdpa_attention_modules"] == 0
+    apply_fast_paths(with_bias, FastPaths(attn="auto"), device="cpu", training=False)
+    assert fast_path_coverage(with_bias) == {
+        "convvit_encoders": 1,
+        "attention_modules": 3,
+        "sdpa_attention_modules": 3,
+        "checkpointed_blocks": 0,
+    }

@@ -9,6 +9,7 @@ Examples:
     python tools/benchmark.py --config-file configs/COCO/mask_rcnn_convvitdet_b_25ep.py \\
         --mode train --batch-size 4 --dtype bf16
     python tools/benchmark.py --preset convvitdet_b --size 512 --compare-plain --device cpu
+    python tools/benchmark.py --table out/*.json     # markdown table of saved results
 """
 
 import argparse
@@ -23,14 +24,16 @@ import torch  # noqa: E402
 import convmae_det  # noqa: E402,F401
 from convmae_det.benchmark import (  # noqa: E402
     BACKBONE_PRESETS,
+    MARKDOWN_HEADER,
     MODES,
     PRETRAIN_PRESETS,
     BenchmarkConfig,
     format_summary,
+    markdown_row,
     run_ab,
     run_benchmark,
 )
-from convmae_det.fast_paths import DTYPES, FastPaths  # noqa: E402
+from convmae_det.fast_paths import ATTN_CHOICES, DTYPES, FastPaths  # noqa: E402
 
 
 def _size(text: str):
@@ -57,6 +60,9 @@ def get_parser() -> argparse.ArgumentParser:
         choices=sorted(BACKBONE_PRESETS) + list(PRETRAIN_PRESETS),
         help="built-in backbone (or pretraining model, with --mode pretrain)",
     )
+    src.add_argument(
+        "--table", nargs="+", metavar="JSON", help="print saved results as a markdown table"
+    )
     p.add_argument("--mode", choices=MODES, default="backbone_train")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--size", type=_size, default=None, help="N or HxW (default: preset's, 1024)")
@@ -68,8 +74,12 @@ def get_parser() -> argparse.ArgumentParser:
         help="autocast dtype (default bf16 on CUDA, fp32 on CPU)",
     )
     p.add_argument(
-        "--explicit-attn", action="store_true", help="explicit softmax attention instead of SDPA"
+        "--attn",
+        choices=ATTN_CHOICES,
+        default="auto",
+        help="stage-3 attention kernel; auto: SDPA except CPU training with rel-pos biases",
     )
+    p.add_argument("--explicit-attn", action="store_const", const="explicit", dest="attn")
     p.add_argument("--channels-last", action="store_true", help="NHWC convolutions")
     p.add_argument(
         "--act-checkpoint",
@@ -108,11 +118,19 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
+    if args.table:
+        print(MARKDOWN_HEADER)
+        for path in args.table:
+            with open(path) as f:
+                result = json.load(f)
+            if "ms_per_img_stats" in result and "fast_paths" in result:
+                print(markdown_row(result))
+        return {}
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
     paths = FastPaths(
-        fused_attn=not args.explicit_attn,
+        attn=args.attn,
         dtype=dtype,
         channels_last=args.channels_last,
         act_checkpoint=args.act_checkpoint,
@@ -135,7 +153,7 @@ def main(argv=None) -> dict:
         mask_format=args.mask_format,
     )
     if args.compare_plain:
-        plain = FastPaths(fused_attn=False, dtype=dtype)
+        plain = FastPaths(attn="explicit", dtype=dtype)
         result = run_ab(cfg, plain)
         f, b = result["fast"]["ms_per_img_stats"], result["baseline"]["ms_per_img_stats"]
         print(

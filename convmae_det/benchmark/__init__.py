@@ -5,10 +5,12 @@
 
 from .measure import count_flops, measure_matmul_peak, peak_memory, reset_peak_memory
 from .runner import (
+    MARKDOWN_HEADER,
     RESULT_FIELDS,
     BenchmarkConfig,
     build_subject,
     format_summary,
+    markdown_row,
     run_ab,
     run_benchmark,
 )
@@ -34,6 +36,8 @@ __all__ = [
     "run_benchmark",
     "run_ab",
     "format_summary",
+    "MARKDOWN_HEADER",
+    "markdown_row",
     "count_flops",
     "measure_matmul_peak",
     "peak_memory",

@@ -183,10 +183,15 @@ def count_flops(step: Callable[[], Any]) -> Tuple[int, Dict[str, int]]:
 
 # --------------------------------------------------------------------------------------- peak
 def measure_matmul_peak(
-    device: torch.device, dtype: torch.dtype, *, size: Optional[int] = None, iters: int = 10
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    size: Optional[int] = None,
+    iters: int = 30,
+    budget_s: float = 2.0,
 ) -> float:
     """Best TFLOP/s of ``size`` x ``size`` matmuls in ``dtype`` on ``device`` (size 8192 on CUDA,
-    2048 on CPU by default)."""
+    2048 on CPU by default), over ``iters`` timed products or ``budget_s`` seconds (at least 3)."""
     if size is None:
         size = 8192 if device.type == "cuda" else 2048
     if device.type == "cpu" and dtype == torch.float16:
@@ -195,13 +200,15 @@ def measure_matmul_peak(
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    best = float("inf")
-    for _ in range(iters):
+    best, start = float("inf"), time.perf_counter()
+    for i in range(iters):
         synchronize(device)
         t0 = time.perf_counter()
         a @ b
         synchronize(device)
         best = min(best, time.perf_counter() - t0)
+        if i >= 2 and time.perf_counter() - start > budget_s:
+            break
     return 2.0 * size**3 / best / 1e12
 
 

@@ -20,7 +20,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..fast_paths import DTYPES, FastPaths, act_checkpoint_disabled, apply_fast_paths
+from ..fast_paths import (
+    DTYPES,
+    FastPaths,
+    act_checkpoint_disabled,
+    apply_fast_paths,
+    fast_path_coverage,
+)
 from .measure import (
     count_flops,
     device_name,
@@ -43,6 +49,8 @@ __all__ = [
     "run_benchmark",
     "run_ab",
     "format_summary",
+    "MARKDOWN_HEADER",
+    "markdown_row",
 ]
 
 # Every key a result dict carries (values may be None where a quantity does not apply).
@@ -59,6 +67,7 @@ RESULT_FIELDS = (
     "batch_size",
     "image_size",
     "fast_paths",
+    "fast_path_coverage",
     "warmup",
     "iters",
     "params",
@@ -69,6 +78,7 @@ RESULT_FIELDS = (
     "peak_mem_bytes",
     "peak_mem_per_img_bytes",
     "baseline_mem_bytes",
+    "step_mem_bytes",
     "mem_kind",
     "flops_per_img",
     "flops_by_op",
@@ -174,7 +184,7 @@ def build_subject(cfg: BenchmarkConfig) -> nn.Module:
 
 def _saved_bytes_hooks(model: nn.Module, tally: Dict[str, int]):
     """Saved-tensor hooks that add up the distinct storages autograd keeps for backward
-    (parameters excluded)."""
+    (parameters excluded; inputs that a checkpointed block holds itself are not seen)."""
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = set()
 
@@ -205,7 +215,9 @@ def run_benchmark(cfg: BenchmarkConfig, *, model: Optional[nn.Module] = None) ->
     paths = cfg.paths
     model = model if model is not None else build_subject(cfg)
     model = model.to(device)
-    apply_fast_paths(model, replace(paths, compile=False))
+    training = cfg.mode in ("backbone_train", "train", "pretrain")
+    apply_fast_paths(model, replace(paths, compile=False), device=device, training=training)
+    coverage = fast_path_coverage(model)
     size = cfg.resolved_size
     b = cfg.batch_size
     step, info = make_step(
@@ -219,14 +231,18 @@ def run_benchmark(cfg: BenchmarkConfig, *, model: Optional[nn.Module] = None) ->
         mask_format=cfg.mask_format,
         full_detections=cfg.full_detections,
     )
-    flops = saved = None
+    flops = None
     by_op: Dict[str, int] = {}
     if cfg.count_flops:
-        tally = {"bytes": 0}
-        with act_checkpoint_disabled(model), _saved_bytes_hooks(model, tally):
+        with act_checkpoint_disabled(model):
             flops, by_op = count_flops(step)
-        if cfg.mode in ("backbone_train", "train", "pretrain"):
-            saved = tally["bytes"] / b
+    saved = None
+    if cfg.mode in ("backbone_train", "train", "pretrain") and not paths.compile:
+        # one untimed step with the configured paths (checkpointing included)
+        tally = {"bytes": 0}
+        with _saved_bytes_hooks(model, tally):
+            step()
+        saved = tally["bytes"] / b
     if paths.compile:
         getattr(model, "backbone", model).compile(dynamic=False)
     load_before = _load_avg() if device.type == "cpu" else None
@@ -268,6 +284,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, model: Optional[nn.Module] = None) ->
         "batch_size": b,
         "image_size": list(size),
         "fast_paths": paths.to_dict(),
+        "fast_path_coverage": coverage,
         "warmup": warmup,
         "iters": iters,
         "params": sum(p.numel() for p in model.parameters()),
@@ -278,6 +295,9 @@ def run_benchmark(cfg: BenchmarkConfig, *, model: Optional[nn.Module] = None) ->
         "peak_mem_bytes": peak,
         "peak_mem_per_img_bytes": peak / b,
         "baseline_mem_bytes": base["baseline_bytes"],
+        "step_mem_bytes": (
+            peak - base["baseline_bytes"] if base["baseline_bytes"] is not None else None
+        ),
         "mem_kind": mem_kind,
         "flops_per_img": flops / b if flops is not None else None,
         "flops_by_op": {k: v / b for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
@@ -305,6 +325,7 @@ def run_ab(
     torch.manual_seed(cfg.seed)
     model = (model if model is not None else build_subject(cfg)).to(device)
     variants = {"fast": cfg.paths, "baseline": baseline}
+    training = cfg.mode in ("backbone_train", "train", "pretrain")
     steps = {}
     for key, paths in variants.items():
         steps[key], _ = make_step(
@@ -323,9 +344,7 @@ def run_ab(
     for i in range(cfg.resolved_warmup + cfg.resolved_iters):
         for key in (("fast", "baseline") if i % 2 == 0 else ("baseline", "fast")):
             paths = variants[key]
-            apply_fast_paths(model, paths)
-            if not paths.channels_last:
-                model.to(memory_format=torch.contiguous_format)
+            apply_fast_paths(model, paths, device=device, training=training)
             synchronize(device)
             wall, c = time_steps(steps[key], warmup=0, iters=1, device=device)
             if i >= cfg.resolved_warmup:
@@ -356,14 +375,59 @@ def _gb(n: Optional[float]) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
 
+def _flags(paths: Dict[str, Any], coverage: Optional[Dict[str, int]] = None) -> List[str]:
+    attn = {"sdpa": "sdpa", "explicit": "explicit-attn", "auto": "auto-attn"}[paths["attn"]]
+    if coverage is not None:
+        n, fused = coverage["attention_modules"], coverage["sdpa_attention_modules"]
+        attn = "other-attn" if n == 0 else "sdpa" if fused == n else "explicit-attn"
+        attn += "(auto)" if paths["attn"] == "auto" and n else ""
+    flags = [paths["dtype"], attn]
+    flags += ["channels-last"] if paths["channels_last"] else []
+    if paths["act_checkpoint"]:
+        flags += [f"ckpt{''.join(map(str, paths['act_checkpoint']))}"]
+    flags += ["compiled"] if paths["compile"] else []
+    return flags
+
+
+MARKDOWN_HEADER = (
+    "| card | torch | date | model | mode | batch | size | paths | ms/img (p10-p90) | CPU ms/img "
+    "| peak mem/img | GFLOP/img | TFLOP/s | MFU (peak TFLOP/s) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def markdown_row(result: Dict[str, Any]) -> str:
+    """One row of the table in docs/PERFORMANCE.md (see ``MARKDOWN_HEADER``)."""
+    s = result["ms_per_img_stats"]
+    h, w = result["image_size"]
+    threads = f", {result['num_threads']} thr" if result["device"] == "cpu" else ""
+    cells = [
+        f"{result['device_name']}{threads}",
+        result["torch_version"],
+        result["date"].split()[0],
+        result["name"],
+        result["mode"],
+        str(result["batch_size"]),
+        f"{h}x{w}",
+        " ".join(_flags(result["fast_paths"], result["fast_path_coverage"])),
+        f"{result['ms_per_img']:.1f} ({s['p10']:.1f}-{s['p90']:.1f})",
+        "-" if result["cpu_ms_per_img"] is None else f"{result['cpu_ms_per_img']:.1f}",
+        _gb(result["peak_mem_per_img_bytes"]),
+        "-" if result["flops_per_img"] is None else f"{result['flops_per_img'] / 1e9:.1f}",
+        "-" if result["tflops_per_s"] is None else f"{result['tflops_per_s']:.3f}",
+        (
+            "-"
+            if result["mfu"] is None
+            else f"{100 * result['mfu']:.1f}% ({result['peak_tflops']:.2f})"
+        ),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def format_summary(result: Dict[str, Any]) -> str:
     """One line: name, mode, device, batch, size, dtype, ms/img (spread), img/s, memory, FLOPs,
     TFLOP/s, MFU."""
-    p = result["fast_paths"]
-    flags = [p["dtype"], "sdpa" if p["fused_attn"] else "explicit-attn"]
-    flags += ["channels-last"] if p["channels_last"] else []
-    flags += [f"ckpt{''.join(map(str, p['act_checkpoint']))}"] if p["act_checkpoint"] else []
-    flags += ["compiled"] if p["compile"] else []
+    flags = _flags(result["fast_paths"], result["fast_path_coverage"])
     h, w = result["image_size"]
     s = result["ms_per_img_stats"]
     parts = [
@@ -377,5 +441,5 @@ def format_summary(result: Dict[str, Any]) -> str:
         parts.append(f"{result['flops_per_img'] / 1e9:.1f} GFLOP/img")
         parts.append(f"{result['tflops_per_s']:.2f} TFLOP/s")
     if result["mfu"] is not None:
-        parts.append(f"MFU {100 * result['mfu']:.1f}% of {result['peak_tflops']:.1f}")
+        parts.append(f"MFU {100 * result['mfu']:.1f}% of {result['peak_tflops']:.3g}")
     return parts[0] + " " + ", ".join(parts[1:])
