@@ -12,6 +12,8 @@ from detectron2 import model_zoo
 from detectron2.structures import BitMasks, PolygonMasks
 
 from convmae_det.benchmark import (
+    AB_MARKDOWN_HEADER,
+    MARKDOWN_HEADER,
     RESULT_FIELDS,
     BenchmarkConfig,
     build_preset,
@@ -19,6 +21,8 @@ from convmae_det.benchmark import (
     count_flops,
     format_summary,
     make_step,
+    markdown_ab_row,
+    markdown_row,
     measure_matmul_peak,
     run_ab,
     run_benchmark,
@@ -106,6 +110,9 @@ def test_cli_on_the_toy_preset_writes_json_with_every_field(tmp_path):
     assert result["mfu"] == pytest.approx(result["tflops_per_s"] / result["peak_tflops"])
     assert result["fast_paths"] == FastPaths().to_dict()
     assert result["num_threads"] == 1
+    row = markdown_row(result)
+    assert row.count("|") == MARKDOWN_HEADER.splitlines()[0].count("|")
+    assert "| toy | backbone_train | 1 | 64x64 | fp32 explicit-attn(auto) |" in row
 
 
 def test_flops_are_per_image_and_include_the_fused_cpu_attention():
@@ -189,6 +196,9 @@ def test_ab_timing_reports_both_paths_and_the_speedup():
     for key in ("fast", "baseline"):
         assert result[key]["ms_per_img_stats"]["median"] > 0
     assert result["baseline"]["fast_paths"]["attn"] == "explicit"
+    row = markdown_ab_row(result)
+    assert row.startswith("| ") and row.count("|") == AB_MARKDOWN_HEADER.splitlines()[0].count("|")
+    assert result["cpu_time_speedup"] > 0
     assert result["speedup"] == pytest.approx(
         result["baseline"]["ms_per_img_stats"]["median"]
         / result["fast"]["ms_per_img_stats"]["median"]

@@ -23,12 +23,14 @@ import torch  # noqa: E402
 
 import convmae_det  # noqa: E402,F401
 from convmae_det.benchmark import (  # noqa: E402
+    AB_MARKDOWN_HEADER,
     BACKBONE_PRESETS,
     MARKDOWN_HEADER,
     MODES,
     PRETRAIN_PRESETS,
     BenchmarkConfig,
     format_summary,
+    markdown_ab_row,
     markdown_row,
     run_ab,
     run_benchmark,
@@ -119,12 +121,18 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
     if args.table:
-        print(MARKDOWN_HEADER)
+        results = []
         for path in args.table:
             with open(path) as f:
-                result = json.load(f)
-            if "ms_per_img_stats" in result and "fast_paths" in result:
-                print(markdown_row(result))
+                results.append(json.load(f))
+        single = [r for r in results if "fast_paths" in r]
+        pairs = [r for r in results if "speedup" in r]
+        if single:
+            print(MARKDOWN_HEADER)
+            print("\n".join(markdown_row(r) for r in single))
+        if pairs:
+            print(("\n" if single else "") + AB_MARKDOWN_HEADER)
+            print("\n".join(markdown_ab_row(r) for r in pairs))
         return {}
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,6 +167,11 @@ def main(argv=None) -> dict:
         print(
             f"{result['name']} {result['mode']} {dtype}: fast {f['median']:.1f} ms/img, "
             f"plain {b['median']:.1f} ms/img, speedup {result['speedup']:.2f}x"
+            + (
+                f" (CPU time {result['cpu_time_speedup']:.2f}x)"
+                if result["cpu_time_speedup"] is not None
+                else ""
+            )
         )
     else:
         result = run_benchmark(cfg)

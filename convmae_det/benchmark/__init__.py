@@ -5,11 +5,13 @@
 
 from .measure import count_flops, measure_matmul_peak, peak_memory, reset_peak_memory
 from .runner import (
+    AB_MARKDOWN_HEADER,
     MARKDOWN_HEADER,
     RESULT_FIELDS,
     BenchmarkConfig,
     build_subject,
     format_summary,
+    markdown_ab_row,
     markdown_row,
     run_ab,
     run_benchmark,
@@ -38,6 +40,8 @@ __all__ = [
     "format_summary",
     "MARKDOWN_HEADER",
     "markdown_row",
+    "AB_MARKDOWN_HEADER",
+    "markdown_ab_row",
     "count_flops",
     "measure_matmul_peak",
     "peak_memory",

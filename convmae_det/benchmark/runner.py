@@ -51,6 +51,8 @@ __all__ = [
     "format_summary",
     "MARKDOWN_HEADER",
     "markdown_row",
+    "AB_MARKDOWN_HEADER",
+    "markdown_ab_row",
 ]
 
 # Every key a result dict carries (values may be None where a quantity does not apply).
@@ -361,14 +363,50 @@ def run_ab(
         "iters": cfg.resolved_iters,
     }
     for key, paths in variants.items():
+        apply_fast_paths(model, paths, device=device, training=training)
         out[key] = {
             "fast_paths": paths.to_dict(),
+            "fast_path_coverage": fast_path_coverage(model),
             "ms_per_img_stats": summarize_times(times[key], cfg.batch_size),
             "cpu_ms_per_img": summarize_times(cpu[key], cfg.batch_size)["median"],
         }
     fast = out["fast"]["ms_per_img_stats"]["median"]
     out["speedup"] = out["baseline"]["ms_per_img_stats"]["median"] / fast
+    out["cpu_time_speedup"] = (
+        out["baseline"]["cpu_ms_per_img"] / out["fast"]["cpu_ms_per_img"]
+        if device.type == "cpu"
+        else None
+    )
     return out
+
+
+AB_MARKDOWN_HEADER = (
+    "| card | torch | model | mode | batch | size | fast paths | baseline | fast ms/img "
+    "| baseline ms/img | speedup (wall) | speedup (CPU time) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def markdown_ab_row(result: Dict[str, Any]) -> str:
+    """One row of the A/B table (see ``AB_MARKDOWN_HEADER``) from a :func:`run_ab` result."""
+    h, w = result["image_size"]
+    fast, base = result["fast"], result["baseline"]
+    cpu = result.get("cpu_time_speedup")
+    cells = [
+        result["device_name"],
+        result["torch_version"],
+        result["name"],
+        result["mode"],
+        str(result["batch_size"]),
+        f"{h}x{w}",
+        " ".join(_flags(fast["fast_paths"], fast.get("fast_path_coverage"))),
+        " ".join(_flags(base["fast_paths"], base.get("fast_path_coverage"))),
+        f"{fast['ms_per_img_stats']['median']:.1f}",
+        f"{base['ms_per_img_stats']['median']:.1f}",
+        f"{result['speedup']:.2f}x",
+        "-" if cpu is None else f"{cpu:.2f}x",
+    ]
+    return "| " + " | ".join(cells) + " |"
 
 
 def _gb(n: Optional[float]) -> str:
