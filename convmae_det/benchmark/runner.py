@@ -11,6 +11,7 @@ defined), compile if asked, warm up, reset the peak memory, time ``iters`` steps
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import os
@@ -34,7 +35,6 @@ from .measure import (
     peak_memory,
     reset_peak_memory,
     summarize_times,
-    synchronize,
     time_steps,
 )
 from .subjects import BACKBONE_PRESETS, DEFAULT_SIZES, MODES, PRETRAIN_PRESETS, build_preset
@@ -318,20 +318,23 @@ def run_benchmark(cfg: BenchmarkConfig, *, model: Optional[nn.Module] = None) ->
 def run_ab(
     cfg: BenchmarkConfig, baseline: FastPaths, *, model: Optional[nn.Module] = None
 ) -> Dict[str, Any]:
-    """Time ``cfg.paths`` against ``baseline`` on one model with interleaved iterations (A, B, A,
-    B, ...), so that load from other processes hits both alike. Compile is not allowed here.
-    Returns both timing summaries and ``speedup`` = baseline median / fast median."""
+    """Time ``cfg.paths`` against ``baseline`` with interleaved iterations (A, B, B, A, ...) on
+    two copies of one model with the same weights, so that load from other processes hits both
+    alike. Compile is not allowed here. Returns both timing summaries, ``speedup`` = baseline
+    median / fast median, and on the CPU the same ratio of process CPU times."""
     if cfg.paths.compile or baseline.compile:
-        raise ValueError("run_ab switches paths on one model between iterations; no compile")
+        raise ValueError("run_ab compares eager paths; compile is not supported here")
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = (model if model is not None else build_subject(cfg)).to(device)
     variants = {"fast": cfg.paths, "baseline": baseline}
+    models = {"fast": model, "baseline": copy.deepcopy(model)}
     training = cfg.mode in ("backbone_train", "train", "pretrain")
     steps = {}
     for key, paths in variants.items():
+        apply_fast_paths(models[key], paths, device=device, training=training)
         steps[key], _ = make_step(
-            model,
+            models[key],
             cfg.mode,
             batch_size=cfg.batch_size,
             image_size=cfg.resolved_size,
@@ -344,10 +347,7 @@ def run_ab(
     times: Dict[str, List[float]] = {k: [] for k in variants}
     cpu: Dict[str, List[float]] = {k: [] for k in variants}
     for i in range(cfg.resolved_warmup + cfg.resolved_iters):
-        for key in (("fast", "baseline") if i % 2 == 0 else ("baseline", "fast")):
-            paths = variants[key]
-            apply_fast_paths(model, paths, device=device, training=training)
-            synchronize(device)
+        for key in ("fast", "baseline") if i % 2 == 0 else ("baseline", "fast"):
             wall, c = time_steps(steps[key], warmup=0, iters=1, device=device)
             if i >= cfg.resolved_warmup:
                 times[key] += wall
@@ -363,10 +363,9 @@ def run_ab(
         "iters": cfg.resolved_iters,
     }
     for key, paths in variants.items():
-        apply_fast_paths(model, paths, device=device, training=training)
         out[key] = {
             "fast_paths": paths.to_dict(),
-            "fast_path_coverage": fast_path_coverage(model),
+            "fast_path_coverage": fast_path_coverage(models[key]),
             "ms_per_img_stats": summarize_times(times[key], cfg.batch_size),
             "cpu_ms_per_img": summarize_times(cpu[key], cfg.batch_size)["median"],
         }
@@ -429,7 +428,7 @@ def _flags(paths: Dict[str, Any], coverage: Optional[Dict[str, int]] = None) -> 
 
 MARKDOWN_HEADER = (
     "| card | torch | date | model | mode | batch | size | paths | ms/img (p10-p90) | CPU ms/img "
-    "| peak mem/img | GFLOP/img | TFLOP/s | MFU (peak TFLOP/s) |\n"
+    "| peak mem/img (+ step) | GFLOP/img | TFLOP/s | MFU (peak TFLOP/s) |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -450,7 +449,12 @@ def markdown_row(result: Dict[str, Any]) -> str:
         " ".join(_flags(result["fast_paths"], result["fast_path_coverage"])),
         f"{result['ms_per_img']:.1f} ({s['p10']:.1f}-{s['p90']:.1f})",
         "-" if result["cpu_ms_per_img"] is None else f"{result['cpu_ms_per_img']:.1f}",
-        _gb(result["peak_mem_per_img_bytes"]),
+        _gb(result["peak_mem_per_img_bytes"])
+        + (
+            ""
+            if result["step_mem_bytes"] is None
+            else f" (+{result['step_mem_bytes'] / 2**30:.2f})"
+        ),
         "-" if result["flops_per_img"] is None else f"{result['flops_per_img'] / 1e9:.1f}",
         "-" if result["tflops_per_s"] is None else f"{result['tflops_per_s']:.3f}",
         (
