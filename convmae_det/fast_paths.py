@@ -41,6 +41,7 @@ __all__ = [
     "resolve_attn",
     "set_fused_attn",
     "set_act_checkpoint",
+    "act_checkpoint_disabled",
     "set_channels_last",
     "apply_fast_paths",
     "fast_path_coverage",

@@ -160,7 +160,7 @@ def test_checkpointing_every_stage_gives_the_same_gradients_and_recomputes_the_b
     )
 
 
-def test_checkpointing_is_off_in_eval_and_can_be_suspended():
+def test_checkpointing_can_be_suspended_and_switched_off():
     model = _model("none")
     set_act_checkpoint(model, (1, 3))
     calls = []
