@@ -17,6 +17,7 @@ from convmae_det.benchmark import (
     MARKDOWN_HEADER,
     RESULT_FIELDS,
     BenchmarkConfig,
+    BenchmarkSetupError,
     build_preset,
     build_subject,
     count_flops,
@@ -208,7 +209,7 @@ def test_ab_timing_reports_both_paths_and_the_speedup():
 
 def test_pretraining_step_runs_or_is_skipped_with_a_reason():
     if importlib.util.find_spec("convmae_det.modeling.pretrain") is None:
-        with pytest.raises(RuntimeError, match="build_pretrain_model"):
+        with pytest.raises(BenchmarkSetupError, match="build_pretrain_model"):
             build_preset("convmae_toy")
         pytest.skip("convmae_det.modeling.pretrain is not available")
     result = run_benchmark(_fast_cfg(preset="convmae_toy", mode="pretrain", iters=1))

@@ -29,6 +29,7 @@ from convmae_det.benchmark import (  # noqa: E402
     MODES,
     PRETRAIN_PRESETS,
     BenchmarkConfig,
+    BenchmarkSetupError,
     format_summary,
     markdown_ab_row,
     markdown_row,
@@ -184,4 +185,10 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from convmae_det.model_from_config import ConfigError
+
+    try:
+        main()
+    except (ConfigError, BenchmarkSetupError) as exc:
+        # settings the tool cannot run with: say which, without a traceback
+        sys.exit(f"benchmark: {exc}")

@@ -20,6 +20,7 @@ from .subjects import (
     BACKBONE_PRESETS,
     MODES,
     PRETRAIN_PRESETS,
+    BenchmarkSetupError,
     build_preset,
     make_step,
     synthetic_detection_batch,
@@ -27,6 +28,7 @@ from .subjects import (
 
 __all__ = [
     "BenchmarkConfig",
+    "BenchmarkSetupError",
     "RESULT_FIELDS",
     "MODES",
     "BACKBONE_PRESETS",

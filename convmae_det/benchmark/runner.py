@@ -37,8 +37,15 @@ from .measure import (
     summarize_times,
     time_steps,
 )
-from .subjects import BACKBONE_PRESETS, DEFAULT_SIZES, MODES, PRETRAIN_PRESETS, build_preset
-from .subjects import make_step
+from .subjects import (
+    BACKBONE_PRESETS,
+    DEFAULT_SIZES,
+    MODES,
+    PRETRAIN_PRESETS,
+    BenchmarkSetupError,
+    build_preset,
+    make_step,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -122,26 +129,26 @@ class BenchmarkConfig:
 
     def __post_init__(self) -> None:
         if (self.config_file is None) == (self.preset is None):
-            raise ValueError("give exactly one of config_file and preset")
+            raise BenchmarkSetupError("give exactly one of config_file and preset")
         if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r}; expected one of {MODES}")
+            raise BenchmarkSetupError(f"mode={self.mode!r}; expected one of {MODES}")
         if self.preset is not None:
             if self.mode == "pretrain" and self.preset not in PRETRAIN_PRESETS:
-                raise ValueError(
+                raise BenchmarkSetupError(
                     f"mode 'pretrain' needs a pretraining preset {PRETRAIN_PRESETS}, "
                     f"got {self.preset!r}"
                 )
             if self.mode != "pretrain" and self.preset not in BACKBONE_PRESETS:
-                raise ValueError(
+                raise BenchmarkSetupError(
                     f"preset {self.preset!r} with mode {self.mode!r}: expected a backbone preset "
                     f"{sorted(BACKBONE_PRESETS)} (pretraining presets go with mode 'pretrain')"
                 )
             if self.mode in ("train", "inference"):
-                raise ValueError(
+                raise BenchmarkSetupError(
                     f"mode {self.mode!r} runs a full detector: give --config-file, not a preset"
                 )
         if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size}; expected >= 1")
+            raise BenchmarkSetupError(f"batch_size={self.batch_size}; expected >= 1")
 
     @property
     def resolved_size(self) -> Tuple[int, int]:
@@ -179,7 +186,9 @@ def build_subject(cfg: BenchmarkConfig) -> nn.Module:
     model = build_model_from_config(loaded, kind)
     if cfg.mode in ("backbone", "backbone_train"):
         if not hasattr(model, "backbone"):
-            raise ValueError(f"{cfg.config_file}: mode {cfg.mode!r} needs a model.backbone")
+            raise BenchmarkSetupError(
+                f"{cfg.config_file}: mode {cfg.mode!r} needs a model.backbone"
+            )
         return model.backbone
     return model
 
@@ -212,7 +221,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, model: Optional[nn.Module] = None) ->
     """Benchmark ``cfg``; ``model`` replaces the built subject (e.g. an already built module)."""
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+        raise BenchmarkSetupError("device 'cuda' requested but CUDA is not available")
     torch.manual_seed(cfg.seed)
     paths = cfg.paths
     model = model if model is not None else build_subject(cfg)
@@ -323,7 +332,7 @@ def run_ab(
     alike. Compile is not allowed here. Returns both timing summaries, ``speedup`` = baseline
     median / fast median, and on the CPU the same ratio of process CPU times."""
     if cfg.paths.compile or baseline.compile:
-        raise ValueError("run_ab compares eager paths; compile is not supported here")
+        raise BenchmarkSetupError("run_ab compares eager paths; compile is not supported here")
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = (model if model is not None else build_subject(cfg)).to(device)

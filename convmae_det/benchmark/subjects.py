@@ -23,6 +23,7 @@ import torch.nn as nn
 from ..fast_paths import FastPaths, autocast
 
 __all__ = [
+    "BenchmarkSetupError",
     "MODES",
     "BACKBONE_PRESETS",
     "PRETRAIN_PRESETS",
@@ -33,6 +34,11 @@ __all__ = [
 ]
 
 MODES = ("backbone", "backbone_train", "train", "inference", "pretrain")
+
+
+class BenchmarkSetupError(ValueError):
+    """Benchmark settings that cannot run (the message names the setting and what was expected)."""
+
 
 _TOY = dict(embed_dims=(32, 48, 64), depths=(1, 1, 3), num_heads=4)
 
@@ -126,7 +132,7 @@ def build_preset(name: str) -> nn.Module:
         try:
             from ..modeling.pretrain import build_pretrain_model
         except ImportError as exc:
-            raise RuntimeError(
+            raise BenchmarkSetupError(
                 f"preset {name!r} needs convmae_det.modeling.pretrain.build_pretrain_model, "
                 f"which is not available in this installation ({exc})"
             ) from None
@@ -174,7 +180,7 @@ def synthetic_detection_batch(
     from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 
     if mask_format not in ("polygon", "bitmask"):
-        raise ValueError(f"mask_format={mask_format!r}; expected 'polygon' or 'bitmask'")
+        raise BenchmarkSetupError(f"mask_format={mask_format!r}; expected 'polygon' or 'bitmask'")
     gen = torch.Generator().manual_seed(seed)
     h, w = image_size
     batch = []
@@ -257,7 +263,7 @@ def make_step(
     """Prepare ``model`` (mode, device) and inputs; returns ``(step, info)`` where ``step()`` runs
     one iteration and ``info`` collects facts about the run (e.g. detections per image)."""
     if mode not in MODES:
-        raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+        raise BenchmarkSetupError(f"mode={mode!r}; expected one of {MODES}")
     info: Dict[str, Any] = {}
     h, w = image_size
     fmt = torch.channels_last if paths.channels_last else torch.contiguous_format
