@@ -137,3 +137,44 @@ def test_converted_official_segmenter_reproduces_backbone_and_decode_head(tmp_pa
         logits = model.sem_seg_head.layers(ours)
         want = official_upernet_forward(heads, list(theirs))
     assert (logits - want).abs().max() <= 1e-3 * max(1.0, want.abs().max().item())
+
+
+def test_ade20k_config_builds_convmae_base_and_runs_a_512_forward():
+    cfg = get_seg_cfg(os.path.join(ROOT, "configs", "ADE20K", "upernet_convmae_b_512_160k.yaml"))
+    cfg.TEST.SEM_SEG.MODE = "whole"
+    model = build_model(cfg).eval()
+    bb = model.backbone
+    assert bb.embed_dims == (256, 384, 768) and bb.depths == (2, 2, 11)
+    assert bb.blocks3[10].attn.relative_position_bias_table.shape == (63 * 63, 12)
+    assert bb.pos_embed.shape == (1, 1024, 768)
+    assert model.sem_seg_head.conv_seg.weight.shape == (150, 768, 1, 1)
+    with torch.no_grad():
+        feats = bb(torch.randn(1, 3, 512, 512))
+        out = model([{"image": torch.randint(0, 256, (3, 512, 512), dtype=torch.uint8)}])
+    assert {k: tuple(v.shape[1:]) for k, v in feats.items()} == {
+        "e1": (256, 128, 128),
+        "e2": (384, 64, 64),
+        "e3": (768, 32, 32),
+        "e4": (768, 15, 15),
+    }
+    assert out[0]["sem_seg"].shape == (150, 512, 512)
+
+
+def test_pretraining_checkpoint_loads_with_pos_embed_resized_from_14x14(tmp_path):
+    from convmae_det.modeling.convvit import ConvViT
+    from convmae_det.modeling.position import resize_pos_embed
+
+    enc = ConvViT(embed_dims=TOY_DIMS, depths=TOY_DEPTHS, num_heads=TOY_HEADS, final_norm=True)
+    sd = dict(enc.state_dict())
+    sd["mask_token"] = torch.zeros(1, 1, 16)
+    sd["decoder_embed.weight"] = torch.zeros(16, TOY_DIMS[2])
+    path = str(tmp_path / "pretrain.pth")
+    torch.save({"model": sd, "epoch": 1599}, path)
+    _, model = _toy_model()
+    ckpt = ConvMAECheckpointer(model)
+    ckpt.load(path)
+    assert ckpt.last_report.missing == [] and ckpt.last_report.unexpected == []
+    want = resize_pos_embed(sd["pos_embed"], (14, 14), (8, 8))
+    assert torch.allclose(model.backbone.pos_embed, want)
+    assert torch.equal(model.backbone.blocks3[0].attn.qkv.weight, sd["blocks3.0.attn.qkv.weight"])
+    assert torch.count_nonzero(model.backbone.blocks3[1].attn.relative_position_bias_table) == 0

@@ -123,3 +123,20 @@ def test_lazyconfig_builds_a_whole_segmentor_that_runs():
     with torch.no_grad():
         out = net([{"image": torch.zeros(3, 70, 90, dtype=torch.uint8), "height": 35, "width": 45}])
     assert out[0]["sem_seg"].shape == (3, 35, 45)
+
+
+def test_upernet_head_works_inside_detectron2s_own_semantic_segmentor():
+    cfg = get_seg_cfg(TOY_CFG, ["MODEL.META_ARCHITECTURE", "SemanticSegmentor"])
+    model = build_model(cfg)
+    assert type(model).__name__ == "SemanticSegmentor" and isinstance(
+        model.sem_seg_head, UperNetHead
+    )
+    batch = [
+        {"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "sem_seg": torch.randint(0, 6, (64, 64))}  # fmt: skip
+        for _ in range(2)
+    ]
+    losses = model.train()(batch)
+    assert set(losses) == {"loss_sem_seg"} and losses["loss_sem_seg"] > 0
+    with torch.no_grad():
+        out = model.eval()([{"image": torch.zeros(3, 70, 90, dtype=torch.uint8), "height": 70, "width": 90}])  # fmt: skip
+    assert out[0]["sem_seg"].shape == (6, 70, 90)

@@ -96,12 +96,12 @@ def test_a_short_toy_training_lowers_the_loss_and_resumes_from_its_checkpoint(
     assert resumed[0]["lr"] == pytest.approx(rows[15]["lr"])
 
 
-def test_two_cpu_processes_train_and_evaluate_over_gloo(toy_root, tmp_path):  # noqa: F811
+def test_two_cpu_processes_train_and_evaluate_periodically_over_gloo(toy_root, tmp_path):  # noqa: F811
     cmd = [
         sys.executable, os.path.join(ROOT, "tools", "plain_train_net.py"),
         "--config-file", TOY_CFG, "--num-gpus", "2",
         "SOLVER.MAX_ITER", "6", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.LOG_PERIOD", "3",
-        "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path),
+        "TEST.EVAL_PERIOD", "3", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path),
     ]  # fmt: skip
     env = dict(os.environ, DETECTRON2_DATASETS=toy_root, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
@@ -112,7 +112,9 @@ def test_two_cpu_processes_train_and_evaluate_over_gloo(toy_root, tmp_path):  # 
     assert "copypaste: mIoU,fwIoU,mACC,pACC" in log
     assert (tmp_path / "model_final.pth").exists()
     with open(tmp_path / "metrics.json") as f:
-        assert [json.loads(line)["iteration"] for line in f] == [2, 5]
+        rows = [json.loads(line) for line in f]
+    assert [r["iteration"] for r in rows] == [2, 5]
+    assert 0.0 <= rows[0]["sem_seg/mIoU"] <= 100.0  # periodic evaluation at iteration 3
 
 
 def test_demo_entry_point_returns_miou_and_the_constant_baseline(toy_root, tmp_path):  # noqa: F811

@@ -95,15 +95,24 @@ def _save_example(cfg, model: nn.Module, dataset_name: str, path: str) -> None:
     image = np.asarray(Image.open(d["file_name"]).convert("RGB"))
     meta = MetadataCatalog.get(dataset_name)
     gt = read_label(d["sem_seg_file_name"])
-    left = Visualizer(image, meta).draw_sem_seg(gt, alpha=0.6).get_image()
-    right = Visualizer(image, meta).draw_sem_seg(pred, alpha=0.6).get_image()
-    Image.fromarray(np.concatenate([image, left, right], axis=1)).save(path)
+    left = Visualizer(image, meta, scale=2.0).draw_sem_seg(gt, alpha=0.5).get_image()
+    right = Visualizer(image, meta, scale=2.0).draw_sem_seg(pred, alpha=0.5).get_image()
+    raw = Visualizer(image, meta, scale=2.0).get_output().get_image()
+    Image.fromarray(np.concatenate([raw, left, right], axis=1)).save(path)
 
 
 def run_segmentation_demo(
-    output_dir: str, *, config_file: Optional[str] = None, opts: Optional[List[str]] = None
+    output_dir: str,
+    *,
+    config_file: Optional[str] = None,
+    opts: Optional[List[str]] = None,
+    num_threads: Optional[int] = 1,
 ) -> Dict[str, float]:
     """Train and evaluate the toy segmenter on the CPU; print and return the numbers.
+
+    ``num_threads``: torch intra-op threads while the demo runs (restored afterwards; None keeps
+    the current setting). One thread is the default: the tiny model gains little from more, the
+    data-loader worker uses another core, and oversubscribed cores slow training many times over.
 
     Returns a dict with ``miou``, ``baseline_miou``, ``baseline_class``, ``pixel_acc``,
     ``train_seconds``, ``test_seconds``, ``iterations`` and ``example`` (a PNG: image, ground
@@ -117,6 +126,16 @@ def run_segmentation_demo(
     if not logging.getLogger("convmae_det").handlers:
         setup_logger(output_dir, name="convmae_det")
         setup_logger(output_dir, name="detectron2")
+    previous_threads = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        return _run(cfg, output_dir)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(cfg, output_dir: str) -> Dict[str, float]:
     seed_all_rng(cfg.SEED)
     model = build_model(cfg)
 

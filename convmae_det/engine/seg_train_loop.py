@@ -162,8 +162,11 @@ def do_seg_train(cfg: CfgNode, model: nn.Module, *, resume: bool = False) -> nn.
                 and not last
             ):
                 res = do_seg_test(cfg, model)
-                if comm.is_main_process():
-                    storage.put_scalars(**flatten_results_dict(dict(res)), smoothing_hint=False)
+                if (
+                    comm.is_main_process()
+                ):  # "sem_seg/mIoU", or "<dataset>/sem_seg/mIoU" for several
+                    res = next(iter(res.values())) if len(res) == 1 else dict(res)
+                    storage.put_scalars(**flatten_results_dict(res), smoothing_hint=False)
                 model.train()
                 comm.synchronize()
             if (iteration + 1) % log_period == 0 or last:
