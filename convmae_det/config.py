@@ -8,6 +8,7 @@ files under ``configs/ADE20K/`` set the rest (datasets, schedule). Calling
 
 from __future__ import annotations
 
+import torch
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_convmae_config"]
@@ -18,6 +19,10 @@ def add_convmae_config(cfg: CN) -> CN:
     from .modeling import segmentor, seg_backbone, upernet  # noqa: F401  (registries)
 
     _c = cfg
+
+    # detectron2 defaults to "cuda"; on a machine without CUDA the model is built on the CPU.
+    if _c.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        _c.MODEL.DEVICE = "cpu"
 
     # ---------------------------------------------------------------- ConvViT segmentation backbone
     _c.MODEL.CONVVIT = CN()

@@ -150,7 +150,10 @@ def randomize_(module: nn.Module, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (1.0 if p.dim() == 1 and "norm" in name else 0.0))  # fmt: skip
+            p.copy_(
+                torch.randn(p.shape, generator=gen) * 0.2
+                + (1.0 if p.dim() == 1 and "norm" in name else 0.0)
+            )
         for name, buf in module.named_buffers():
             if name.endswith("running_mean"):
                 buf.copy_(torch.randn(buf.shape, generator=gen) * 0.1)
@@ -191,7 +194,9 @@ def official_head_state(
     sd["decode_head.conv_seg.weight"] = torch.randn(num_classes, channels, 1, 1, generator=gen)
     sd["decode_head.conv_seg.bias"] = torch.randn(num_classes, generator=gen)
     sd.update(_conv_module("auxiliary_head.convs.0", in_channels[2], aux_channels, 3, gen))
-    sd["auxiliary_head.conv_seg.weight"] = torch.randn(num_classes, aux_channels, 1, 1, generator=gen)  # fmt: skip
+    sd["auxiliary_head.conv_seg.weight"] = torch.randn(
+        num_classes, aux_channels, 1, 1, generator=gen
+    )
     sd["auxiliary_head.conv_seg.bias"] = torch.randn(num_classes, generator=gen)
     return sd
 

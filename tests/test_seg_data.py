@@ -36,11 +36,15 @@ def test_prepare_script_converts_every_split(tmp_path):
         (base / "annotations" / split).mkdir(parents=True)
         Image.fromarray(np.full((4, 5), 3, np.uint8)).save(base / "annotations" / split / "a.png")
     script = os.path.join(ROOT, "datasets", "prepare_ade20k_sem_seg.py")
-    proc = subprocess.run([sys.executable, script, "--root", str(tmp_path)], capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, script, "--root", str(tmp_path)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     out = np.asarray(Image.open(base / "annotations_detectron2" / "validation" / "a.png"))
     assert np.all(out == 2)
-    missing = subprocess.run([sys.executable, script, "--root", str(tmp_path / "nope")], capture_output=True, text=True)  # fmt: skip
+    missing = subprocess.run(
+        [sys.executable, script, "--root", str(tmp_path / "nope")], capture_output=True, text=True
+    )
     assert missing.returncode == 2 and "annotations/training not found" in missing.stderr
 
 
@@ -75,7 +79,11 @@ def test_toy_dataset_is_deterministic_and_has_several_classes_and_ignore_pixels(
     assert open(tmp_path / "a" / img, "rb").read() == open(tmp_path / "b" / img, "rb").read()
     values = set()
     for name in sorted(os.listdir(tmp_path / "a" / "annotations_detectron2" / "training")):
-        values |= set(np.unique(read_label(str(tmp_path / "a" / "annotations_detectron2" / "training" / name))).tolist())  # fmt: skip
+        values |= set(
+            np.unique(
+                read_label(str(tmp_path / "a" / "annotations_detectron2" / "training" / name))
+            ).tolist()
+        )
     assert values == {0, 1, 2, 3, 4, 5, 255}
     raw = read_label(str(tmp_path / "a" / rel.replace("annotations_detectron2", "annotations")))
     assert np.array_equal(convert_ade20k_label(raw), la)
@@ -101,7 +109,9 @@ def test_label_outside_the_classes_is_an_error_naming_the_file(tmp_path):
 
 
 def test_images_smaller_than_the_crop_are_padded_with_ignore_and_the_mean(tmp_path):
-    cfg = get_seg_cfg(TOY_CFG, ["INPUT.SEM_SEG.RATIO_RANGE", "[0.25, 0.25]", "INPUT.SEM_SEG.PHOTOMETRIC", "False"])  # fmt: skip
+    cfg = get_seg_cfg(
+        TOY_CFG, ["INPUT.SEM_SEG.RATIO_RANGE", "[0.25, 0.25]", "INPUT.SEM_SEG.PHOTOMETRIC", "False"]
+    )
     label = np.ones((40, 60))
     label[:, :5] = 255
     out = SemSegDatasetMapper(cfg, True)(_write_pair(tmp_path, label))
@@ -128,7 +138,10 @@ class _Oracle(torch.nn.Module):
     def __init__(self, num_classes):
         super().__init__()
         self.k = num_classes
-        self.gt = {d["file_name"]: d["sem_seg_file_name"] for d in DatasetCatalog.get("toy_ade20k_sem_seg_val")}  # fmt: skip
+        self.gt = {
+            d["file_name"]: d["sem_seg_file_name"]
+            for d in DatasetCatalog.get("toy_ade20k_sem_seg_val")
+        }
 
     def forward(self, inputs):
         outs = []
@@ -152,5 +165,7 @@ def test_evaluating_the_ground_truth_gives_miou_100_and_constant_prediction_much
     base = evaluate_constant_baseline(cfg, name)
     assert base["class_id"] == 0  # sky covers most of the toy training pixels
     assert 0 < base["mIoU"] < 100 / 6 and base["mIoU"] == pytest.approx(base["IoU-sky"] / 6)
-    const = inference_on_dataset(ConstantSegmenter(6, 0), loader, SemSegEvaluator(name, distributed=False))  # fmt: skip
+    const = inference_on_dataset(
+        ConstantSegmenter(6, 0), loader, SemSegEvaluator(name, distributed=False)
+    )
     assert const["sem_seg"]["mIoU"] == pytest.approx(base["mIoU"])

@@ -132,11 +132,16 @@ def test_upernet_head_works_inside_detectron2s_own_semantic_segmentor():
         model.sem_seg_head, UperNetHead
     )
     batch = [
-        {"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "sem_seg": torch.randint(0, 6, (64, 64))}  # fmt: skip
+        {
+            "image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8),
+            "sem_seg": torch.randint(0, 6, (64, 64)),
+        }
         for _ in range(2)
     ]
     losses = model.train()(batch)
     assert set(losses) == {"loss_sem_seg"} and losses["loss_sem_seg"] > 0
     with torch.no_grad():
-        out = model.eval()([{"image": torch.zeros(3, 70, 90, dtype=torch.uint8), "height": 70, "width": 90}])  # fmt: skip
+        out = model.eval()(
+            [{"image": torch.zeros(3, 70, 90, dtype=torch.uint8), "height": 70, "width": 90}]
+        )
     assert out[0]["sem_seg"].shape == (6, 70, 90)

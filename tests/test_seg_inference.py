@@ -110,7 +110,11 @@ def test_multi_scale_flip_averages_probabilities_at_the_input_size(toy_model):
 
 def test_segmentor_resizes_predictions_to_the_original_image_size(toy_model):
     toy_model.test_mode, toy_model.crop_size, toy_model.stride = "slide", (128, 128), (85, 85)
-    item = {"image": torch.randint(0, 255, (3, 128, 171), dtype=torch.uint8), "height": 300, "width": 400}  # fmt: skip
+    item = {
+        "image": torch.randint(0, 255, (3, 128, 171), dtype=torch.uint8),
+        "height": 300,
+        "width": 400,
+    }
     with torch.no_grad():
         out = toy_model([item])
     assert out[0]["sem_seg"].shape == (6, 300, 400)

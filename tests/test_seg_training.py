@@ -46,7 +46,10 @@ def test_layer_decay_and_no_decay_rules_follow_the_recipe():
 
 
 def test_poly_schedule_warms_up_linearly_then_decays_to_zero():
-    cfg = get_seg_cfg(TOY_CFG, ["SOLVER.MAX_ITER", "100", "SOLVER.WARMUP_ITERS", "10", "SOLVER.LAYER_DECAY", "0.5"])  # fmt: skip
+    cfg = get_seg_cfg(
+        TOY_CFG,
+        ["SOLVER.MAX_ITER", "100", "SOLVER.WARMUP_ITERS", "10", "SOLVER.LAYER_DECAY", "0.5"],
+    )
     model = build_model(cfg)
     opt = build_seg_optimizer(cfg, model)
     assert isinstance(opt, torch.optim.AdamW)
@@ -96,7 +99,9 @@ def test_a_short_toy_training_lowers_the_loss_and_resumes_from_its_checkpoint(
     assert resumed[0]["lr"] == pytest.approx(rows[15]["lr"])
 
 
-def test_two_cpu_processes_train_and_evaluate_periodically_over_gloo(toy_root, tmp_path):  # noqa: F811
+def test_two_cpu_processes_train_and_evaluate_periodically_over_gloo(
+    toy_root, tmp_path
+):  # noqa: F811
     cmd = [
         sys.executable, os.path.join(ROOT, "tools", "plain_train_net.py"),
         "--config-file", TOY_CFG, "--num-gpus", "2",

@@ -78,11 +78,21 @@ def draw_toy_scene(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray
             shade = np.clip(1.2 - np.abs(yy[..., 0] - cy) / max(size, 1), 0.6, 1.2)
             colour = np.array([220, 50, 40], np.float32)[None, None] * shade[..., None]
         elif kind == _BOX:
-            cv2.rectangle(mask, (cx - size // 2, cy - size // 3), (cx + size // 2, cy + size // 3), 1, -1)  # fmt: skip
+            cv2.rectangle(
+                mask, (cx - size // 2, cy - size // 3), (cx + size // 2, cy + size // 3), 1, -1
+            )
             stripes = ((np.arange(w)[None, :] // 4) % 2).astype(np.float32)
-            colour = np.array([200, 170, 40], np.float32)[None, None] * (0.8 + 0.2 * stripes[..., None])  # fmt: skip
+            colour = np.array([200, 170, 40], np.float32)[None, None] * (
+                0.8 + 0.2 * stripes[..., None]
+            )
         else:
-            pts = np.array([[cx, cy - size // 2], [cx - size // 2, cy + size // 2], [cx + size // 2, cy + size // 2]])  # fmt: skip
+            pts = np.array(
+                [
+                    [cx, cy - size // 2],
+                    [cx - size // 2, cy + size // 2],
+                    [cx + size // 2, cy + size // 2],
+                ]
+            )
             cv2.fillPoly(mask, [pts.astype(np.int32)], 1)
             colour = np.broadcast_to(np.array([150, 60, 180], np.float32), (h, w, 3))
         sel = mask.astype(bool)
@@ -92,7 +102,9 @@ def draw_toy_scene(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray
         outline |= cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
     raw[outline.astype(bool)] = 0
     if rng.random() < 0.3:  # an unlabelled patch
-        cv2.circle(raw, (int(rng.uniform(0, w)), int(rng.uniform(0, h))), int(min(h, w) * 0.06), 0, -1)  # fmt: skip
+        cv2.circle(
+            raw, (int(rng.uniform(0, w)), int(rng.uniform(0, h))), int(min(h, w) * 0.06), 0, -1
+        )
     img = np.clip(img + _noise(rng, h, w, 3.0), 0, 255).astype(np.uint8)
     return img, raw
 

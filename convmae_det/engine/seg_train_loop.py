@@ -114,7 +114,8 @@ def do_seg_train(cfg: CfgNode, model: nn.Module, *, resume: bool = False) -> nn.
     checkpointer = ConvMAECheckpointer(
         model, cfg.OUTPUT_DIR, optimizer=optimizer, scheduler=scheduler, **extra
     )
-    start_iter = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume).get("iteration", -1) + 1  # fmt: skip
+    state = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    start_iter = state.get("iteration", -1) + 1
     max_iter = cfg.SOLVER.MAX_ITER
     periodic = PeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=max_iter)
     writers = default_writers(cfg.OUTPUT_DIR, max_iter) if comm.is_main_process() else []
@@ -152,7 +153,8 @@ def do_seg_train(cfg: CfgNode, model: nn.Module, *, resume: bool = False) -> nn.
             if comm.is_main_process():
                 storage.put_scalars(total_loss=sum(reduced.values()), **reduced)
                 storage.put_scalars(time=time.perf_counter() - t0, data_time=data_time)
-            storage.put_scalar("lr", optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0), smoothing_hint=False)  # fmt: skip
+            group = optimizer.param_groups[0]
+            storage.put_scalar("lr", group["lr"] / group.get("lr_scale", 1.0), smoothing_hint=False)
             scheduler.step()
 
             last = iteration == max_iter - 1
@@ -162,9 +164,8 @@ def do_seg_train(cfg: CfgNode, model: nn.Module, *, resume: bool = False) -> nn.
                 and not last
             ):
                 res = do_seg_test(cfg, model)
-                if (
-                    comm.is_main_process()
-                ):  # "sem_seg/mIoU", or "<dataset>/sem_seg/mIoU" for several
+                if comm.is_main_process():
+                    # "sem_seg/mIoU" for one test set, "<dataset>/sem_seg/mIoU" for several
                     res = next(iter(res.values())) if len(res) == 1 else dict(res)
                     storage.put_scalars(**flatten_results_dict(res), smoothing_hint=False)
                 model.train()

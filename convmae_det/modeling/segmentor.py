@@ -176,7 +176,9 @@ class EncoderDecoderSegmentor(SemanticSegmentor):
         Inference: ``[{"sem_seg": (K, height, width)}]`` per image."""
         if not self.training:
             return [self._inference_one(x) for x in batched_inputs]
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]  # fmt: skip
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
         images = ImageList.from_tensors(
             images,
             self.backbone.size_divisibility,
@@ -225,7 +227,11 @@ class EncoderDecoderSegmentor(SemanticSegmentor):
         runs = 0
         for s in self.scales:
             size = (max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5)))
-            scaled = image if size == (h, w) else F.interpolate(image, size, mode="bilinear", align_corners=False)  # fmt: skip
+            scaled = (
+                image
+                if size == (h, w)
+                else F.interpolate(image, size, mode="bilinear", align_corners=False)
+            )
             for flipped in (False, True) if self.flip else (False,):
                 x = scaled.flip(-1) if flipped else scaled
                 out = self._single_scale(x)

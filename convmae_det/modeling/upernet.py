@@ -280,7 +280,13 @@ class FCNHead(_ClassifierMixin, nn.Module):
         pad = kernel_size // 2
         self.convs = nn.Sequential(
             *(
-                ConvNormAct(in_channels if i == 0 else channels, channels, kernel_size, padding=pad, norm=norm)  # fmt: skip
+                ConvNormAct(
+                    in_channels if i == 0 else channels,
+                    channels,
+                    kernel_size,
+                    padding=pad,
+                    norm=norm,
+                )
                 for i in range(num_convs)
             )
         )
