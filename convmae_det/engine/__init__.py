@@ -1,0 +1,1 @@
+"""Training loops, checkpoints and demos built on detectron2's engine."""
