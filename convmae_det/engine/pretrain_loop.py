@@ -17,7 +17,7 @@ import math
 import os
 import time
 from datetime import timedelta
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,7 @@ __all__ = [
     "PRETRAIN_DEFAULTS",
     "pretrain_param_groups",
     "lr_at",
+    "PretrainRunner",
     "run_pretraining",
 ]
 
@@ -107,10 +108,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 class _Meter:
     """Window averages of the logged scalars plus the throughput / ETA bookkeeping."""
 
@@ -119,6 +116,7 @@ class _Meter:
         self.images_per_iter = images_per_iter
         self.sums: Dict[str, float] = {}
         self.count = 0
+        self.done = 0
         self.tic = time.perf_counter()
         self.iter_time = None
 
@@ -126,14 +124,15 @@ class _Meter:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
+        self.done += 1
 
-    def flush(self, done_iters: int) -> Dict[str, float]:
+    def flush(self) -> Dict[str, float]:
         now = time.perf_counter()
         elapsed = max(now - self.tic, 1e-9)
         self.iter_time = elapsed / max(self.count, 1)
         stats = {k: v / max(self.count, 1) for k, v in self.sums.items()}
         stats["img_per_s"] = self.count * self.images_per_iter / elapsed
-        stats["eta_s"] = self.iter_time * max(self.total_iters - done_iters, 0)
+        stats["eta_s"] = self.iter_time * max(self.total_iters - self.done, 0)
         self.sums, self.count, self.tic = {}, 0, now
         return stats
 
@@ -147,196 +146,242 @@ def _build(cfg: Mapping[str, Any]) -> nn.Module:
     return instantiate(model)
 
 
-def run_pretraining(cfg: Mapping[str, Any]) -> str:
-    """Train as configured; returns the path of the last checkpoint written (on every rank)."""
-    opt = _options(cfg.get("train", {}))
-    rank, world = comm.get_rank(), comm.get_world_size()
-    device = _device(opt["device"])
-    torch.manual_seed(opt["seed"] + rank)
-    out_dir = opt["output_dir"]
-    os.makedirs(out_dir, exist_ok=True)
+class PretrainRunner:
+    """Holds the model, data, optimizer and scaler of one pretraining run; :meth:`run` trains.
 
-    accum = int(opt["accum_iter"])
-    per_device, rest = divmod(int(opt["batch_size"]), world * accum)
-    if rest or per_device < 1:
-        raise ValueError(
-            f"train.batch_size={opt['batch_size']} is not divisible into {world} processes x "
-            f"{accum} accumulation steps"
+    Steps of one iteration: lr from the schedule (once per optimizer step), forward under
+    autocast, one all-reduce of the loss values (the mean across processes, for the log and the
+    non-finite guard) and of the time-budget flag, backward (skipped on every process when any
+    loss is non-finite), optimizer + scaler step every ``accum_iter`` iterations, EMA update.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        self.cfg = cfg
+        self.opt = opt = _options(cfg.get("train", {}))
+        self.rank, self.world = comm.get_rank(), comm.get_world_size()
+        self.device = _device(opt["device"])
+        torch.manual_seed(opt["seed"] + self.rank)
+        self.out_dir = opt["output_dir"]
+        os.makedirs(self.out_dir, exist_ok=True)
+
+        self.accum = int(opt["accum_iter"])
+        self.per_device, rest = divmod(int(opt["batch_size"]), self.world * self.accum)
+        if rest or self.per_device < 1:
+            raise ValueError(
+                f"train.batch_size={opt['batch_size']} is not divisible into {self.world} "
+                f"processes x {self.accum} accumulation steps"
+            )
+        self.lr = opt["blr"] * opt["batch_size"] / 256
+        self.model = _build(cfg).to(self.device)
+        if opt["init_checkpoint"]:
+            self._init_from(opt["init_checkpoint"])
+        self._build_data()
+        self.optimizer = torch.optim.AdamW(
+            pretrain_param_groups(self.model, opt["weight_decay"]),
+            lr=self.lr,
+            betas=tuple(opt["betas"]),
         )
-    lr = opt["blr"] * opt["batch_size"] / 256
+        self.use_amp = bool(opt["amp"]) and self.device.type == "cuda"
+        self.amp_dtype = getattr(torch, opt["amp_dtype"])
+        fp16 = self.use_amp and self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
 
-    model = _build(cfg).to(device)
-    if opt["init_checkpoint"]:
-        state = load_pretrain_checkpoint(opt["init_checkpoint"])["model"]
-        result = model.load_state_dict(state, strict=False)
+        self.start_epoch = 0
+        resume = opt["resume_from"]
+        if not resume and opt["resume"]:
+            resume = find_last_checkpoint(self.out_dir)
+        if resume:
+            self.start_epoch = resume_pretraining(
+                resume, model=self.model, optimizer=self.optimizer, scaler=self.scaler
+            )
+        self.ddp = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.epochs = int(opt["epochs"])
+        self.iters = len(self.loader) // self.accum * self.accum
+        if self.iters == 0:
+            raise ValueError(
+                f"{len(self.dataset)} images give no full step of {self.per_device} x {self.accum}"
+            )
+        self.deadline = None
+        if opt["max_minutes"] is not None:
+            self.deadline = time.monotonic() + 60.0 * float(opt["max_minutes"])
+        self.nonfinite = 0
+
+    def _init_from(self, path: str) -> None:
+        result = self.model.load_state_dict(load_pretrain_checkpoint(path)["model"], strict=False)
         logger.info(
             "Initialised from %s: missing %s, unexpected %s",
-            opt["init_checkpoint"],
+            path,
             result.missing_keys,
             result.unexpected_keys,
         )
 
-    if rank == 0:
-        data_path = resolve_data_path(opt["data_path"], out_dir)
-    comm.synchronize()
-    data_path = resolve_data_path(opt["data_path"], out_dir) if rank else data_path
-    dataset = ImageFiles(data_path, build_pretrain_transform(opt["img_size"], opt["crop_scale"]))
-    loader = build_pretrain_loader(
-        dataset,
-        batch_size=per_device,
-        num_workers=opt["num_workers"],
-        world_size=world,
-        rank=rank,
-        seed=opt["seed"],
-        pin_memory=device.type == "cuda",
-    )
-
-    optimizer = torch.optim.AdamW(
-        pretrain_param_groups(model, opt["weight_decay"]), lr=lr, betas=tuple(opt["betas"])
-    )
-    use_amp = bool(opt["amp"]) and device.type == "cuda"
-    amp_dtype = getattr(torch, opt["amp_dtype"])
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    start_epoch = 0
-    resume_path = opt["resume_from"] or (find_last_checkpoint(out_dir) if opt["resume"] else None)
-    if resume_path:
-        start_epoch = resume_pretraining(
-            resume_path, model=model, optimizer=optimizer, scaler=scaler
+    def _build_data(self) -> None:
+        opt = self.opt
+        if self.rank == 0:  # the others wait while rank 0 writes toy images if needed
+            resolve_data_path(opt["data_path"], self.out_dir)
+        comm.synchronize()
+        self.data_path = resolve_data_path(opt["data_path"], self.out_dir)
+        transform = build_pretrain_transform(opt["img_size"], opt["crop_scale"])
+        self.dataset = ImageFiles(self.data_path, transform)
+        self.loader = build_pretrain_loader(
+            self.dataset,
+            batch_size=self.per_device,
+            num_workers=opt["num_workers"],
+            world_size=self.world,
+            rank=self.rank,
+            seed=opt["seed"],
+            pin_memory=self.device.type == "cuda",
         )
 
-    ddp = model
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    # ------------------------------------------------------------------ one iteration
+    def _set_lr(self, epoch_float: float) -> None:
+        lr = lr_at(
+            epoch_float,
+            lr=self.lr,
+            min_lr=self.opt["min_lr"],
+            warmup_epochs=self.opt["warmup_epochs"],
+            epochs=self.epochs,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
-    iters = len(loader) // accum * accum
-    if iters == 0:
-        raise ValueError(f"{len(dataset)} images give no full step of {per_device} x {accum}")
-    epochs = int(opt["epochs"])
-    logger.info(
-        "Pretraining %s: %d images from %s, %d epochs x %d iterations, %d images/step "
-        "(%d/process x %d processes x %d accumulation), lr %.3g, amp %s, start epoch %d",
-        type(model).__name__,
-        len(dataset),
-        data_path,
-        epochs,
-        iters // accum,
-        opt["batch_size"],
-        per_device,
-        world,
-        accum,
-        lr,
-        use_amp and opt["amp_dtype"],
-        start_epoch,
-    )
-    meter = _Meter((epochs - start_epoch) * iters, per_device * world)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    deadline = None
-    if opt["max_minutes"] is not None:
-        deadline = time.monotonic() + 60.0 * float(opt["max_minutes"])
-    last_path = find_last_checkpoint(out_dir) if start_epoch > 0 else None
-    nonfinite = 0
-    done = 0
+    def _reduce(self, out: Dict[str, torch.Tensor]) -> Tuple[Dict[str, float], bool]:
+        """Process-mean of every ``loss*`` output, and whether any process ran out of time."""
+        names = sorted(k for k in out if k.startswith("loss"))
+        wants_stop = self.deadline is not None and time.monotonic() > self.deadline
+        values = [out[k].detach().float().reshape(()) for k in names]
+        values = torch.stack(values + [torch.tensor(float(wants_stop), device=self.device)])
+        if self.world > 1:
+            dist.all_reduce(values)
+            values /= self.world
+        values = values.tolist()
+        return dict(zip(names, values[:-1])), values[-1] > 0
 
-    for epoch in range(start_epoch, epochs):
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        ddp.train()
-        optimizer.zero_grad(set_to_none=True)
+    def _skip_nonfinite(self, stats: Dict[str, float], epoch: int, it: int) -> None:
+        self.nonfinite += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        logger.warning(
+            "Non-finite loss %s at epoch %d iter %d: step skipped (%d in a row)",
+            stats,
+            epoch,
+            it,
+            self.nonfinite,
+        )
+        if self.nonfinite >= self.opt["max_nonfinite"]:
+            raise FloatingPointError(
+                f"{self.nonfinite} consecutive non-finite losses (last {stats}); lower the lr "
+                "or use train.amp_dtype='bfloat16'"
+            )
+
+    def _optimizer_step(self, progress: float) -> None:
+        if self.opt["clip_grad"] is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.opt["clip_grad"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_ema = getattr(self.model, "update_ema", None)
+        if update_ema is not None:
+            update_ema(progress)
+
+    def train_epoch(self, epoch: int, meter: "_Meter") -> bool:
+        """One epoch; returns True when the time budget stopped it early."""
+        if hasattr(self.loader.sampler, "set_epoch"):
+            self.loader.sampler.set_epoch(epoch)
+        self.ddp.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
         stop = False
-        for i, (imgs, _) in enumerate(loader):
-            if i >= iters:
+        for i, (imgs, _) in enumerate(self.loader):
+            if i >= self.iters:
                 break
-            if i % accum == 0:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(
-                        epoch + i / iters,
-                        lr=lr,
-                        min_lr=opt["min_lr"],
-                        warmup_epochs=opt["warmup_epochs"],
-                        epochs=epochs,
-                    )
-            imgs = imgs.to(device, non_blocking=True)
-            step_now = (i + 1) % accum == 0
-            sync = contextlib.nullcontext()
-            if world > 1 and not step_now:
-                sync = ddp.no_sync()
-            with sync:
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    out = ddp(imgs)
-                names = sorted(k for k in out if k.startswith("loss"))
-                wants_stop = deadline is not None and time.monotonic() > deadline
-                values = torch.stack(
-                    [out[k].detach().float() for k in names]
-                    + [torch.tensor(float(wants_stop), device=device)]
-                )
-                if world > 1:
-                    dist.all_reduce(values)
-                    values /= world
-                values = values.tolist()
-                stop = values[-1] > 0
-                stats = dict(zip(names, values[:-1]))
+            if i % self.accum == 0:
+                self._set_lr(epoch + i / self.iters)
+            step_now = (i + 1) % self.accum == 0
+            no_sync = self.world > 1 and not step_now
+            with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                    out = self.ddp(imgs.to(self.device, non_blocking=True))
+                stats, stop = self._reduce(out)
                 if not all(math.isfinite(v) for v in stats.values()):
-                    nonfinite += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    logger.warning(
-                        "Non-finite loss %s at epoch %d iter %d: step skipped (%d in a row)",
-                        stats,
-                        epoch,
-                        i,
-                        nonfinite,
-                    )
-                    if nonfinite >= opt["max_nonfinite"]:
-                        raise FloatingPointError(
-                            f"{nonfinite} consecutive non-finite losses (last {stats}); "
-                            "lower the lr or use amp_dtype='bfloat16'"
-                        )
+                    self._skip_nonfinite(stats, epoch, i)
                     continue
-                nonfinite = 0
-                scaler.scale(out["loss"] / accum).backward()
+                self.nonfinite = 0
+                self.scaler.scale(out["loss"] / self.accum).backward()
             if step_now:
-                if opt["clip_grad"] is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), opt["clip_grad"])
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                progress = (epoch * iters + i + 1) / (epochs * iters)
-                _unwrap(ddp).update_ema(progress)
-            done += 1
-            meter.add(dict(stats, lr=optimizer.param_groups[0]["lr"]))
-            if (i + 1) % opt["log_period"] == 0 or i + 1 == iters or stop:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                s = meter.flush(done)
-                if rank == 0:
-                    _log(s, epoch, epochs, i + 1, iters, metrics_path, device)
+                self._optimizer_step((epoch * self.iters + i + 1) / (self.epochs * self.iters))
+            meter.add(dict(stats, lr=self.optimizer.param_groups[0]["lr"]))
+            if (i + 1) % self.opt["log_period"] == 0 or i + 1 == self.iters or stop:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                s = meter.flush()
+                if self.rank == 0:
+                    _log(s, epoch, self.epochs, i + 1, self.iters, metrics_path, self.device)
             if stop:
                 break
+        return stop
 
-        is_last = epoch + 1 == epochs or stop
-        if (epoch + 1) % int(opt["checkpoint_period"]) == 0 or is_last:
-            path = os.path.join(out_dir, f"checkpoint-{epoch:04d}.pth")
-            if rank == 0:
-                args = {
-                    "train": opt,
-                    "model": (
-                        cfg["model"]
-                        if not isinstance(cfg["model"], nn.Module)
-                        else type(cfg["model"]).__name__
-                    ),
-                }
-                save_pretrain_checkpoint(
-                    path, model=model, optimizer=optimizer, epoch=epoch, scaler=scaler, args=args
-                )
-                logger.info("Saved %s", path)
-            comm.synchronize()
-            last_path = path
-        if stop:
-            logger.info("Time budget of %s min reached after epoch %d", opt["max_minutes"], epoch)
-            break
-    return last_path
+    def save(self, epoch: int) -> str:
+        path = os.path.join(self.out_dir, f"checkpoint-{epoch:04d}.pth")
+        if self.rank == 0:
+            model_cfg = self.cfg["model"]
+            if isinstance(model_cfg, nn.Module):
+                model_cfg = type(model_cfg).__name__
+            save_pretrain_checkpoint(
+                path,
+                model=self.model,
+                optimizer=self.optimizer,
+                epoch=epoch,
+                scaler=self.scaler,
+                args={"train": self.opt, "model": model_cfg},
+            )
+            logger.info("Saved %s", path)
+        comm.synchronize()
+        return path
+
+    def run(self) -> Optional[str]:
+        opt = self.opt
+        logger.info(
+            "Pretraining %s: %d images from %s, epochs %d-%d of %d x %d steps, %d images/step "
+            "(%d/process x %d processes x %d accumulation), lr %.3g, amp %s",
+            type(self.model).__name__,
+            len(self.dataset),
+            self.data_path,
+            self.start_epoch,
+            self.epochs - 1,
+            self.epochs,
+            self.iters // self.accum,
+            opt["batch_size"],
+            self.per_device,
+            self.world,
+            self.accum,
+            self.lr,
+            self.use_amp and opt["amp_dtype"],
+        )
+        remaining = (self.epochs - self.start_epoch) * self.iters
+        meter = _Meter(remaining, self.per_device * self.world)
+        last = find_last_checkpoint(self.out_dir) if self.start_epoch > 0 else None
+        for epoch in range(self.start_epoch, self.epochs):
+            stop = self.train_epoch(epoch, meter)
+            if (epoch + 1) % int(opt["checkpoint_period"]) == 0 or epoch + 1 == self.epochs or stop:
+                last = self.save(epoch)
+            if stop:
+                logger.info("Time budget of %s min reached in epoch %d", opt["max_minutes"], epoch)
+                break
+        return last
+
+
+def run_pretraining(cfg: Mapping[str, Any]) -> Optional[str]:
+    """Train as configured (see :data:`PRETRAIN_DEFAULTS` for ``cfg["train"]``); returns the
+    path of the last checkpoint written, on every process.
+
+    With ``max_minutes`` the run stops inside an epoch once the budget is spent and saves that
+    epoch as done (``epoch`` in the file), so ``--resume`` continues with the next one.
+    """
+    return PretrainRunner(cfg).run()
 
 
 def _log(s: Dict[str, float], epoch: int, epochs: int, it: int, iters: int, path: str, device):
