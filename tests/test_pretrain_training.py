@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from convmae_det.engine.pretrain_checkpoint import (
     find_last_checkpoint,
+    official_model_state,
     resume_pretraining,
     save_pretrain_checkpoint,
 )
@@ -167,6 +168,8 @@ def test_mor_training_updates_the_ema_target(toy_dir, tmp_path):
     )
     assert not torch.equal(online, ema)  # the target lags behind the online encoder
     assert "mor.heads.ema.pred.weight" in state
+    official = official_model_state(state)
+    build_pretrain_model("fastconvmae_toy").load_state_dict(official, strict=True)
 
 
 def test_demo_checkpoint_hands_off_to_a_downstream_backbone(toy_dir, tmp_path):

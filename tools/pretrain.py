@@ -69,6 +69,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not args.config_file:
         parser.error("--config-file is required (e.g. configs/pretrain/fastconvmae_toy.py)")
+    if args.eval_only:
+        parser.error("--eval-only: pretraining has no evaluation step")
     return args
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "load_pretrain_checkpoint",
     "resume_pretraining",
     "find_last_checkpoint",
+    "official_model_state",
     "LAST_CHECKPOINT_FILE",
 ]
 
@@ -53,6 +54,12 @@ def plain_args(obj: Any) -> Any:
     if hasattr(obj, "__dict__"):  # argparse.Namespace and similar
         return plain_args(vars(obj))
     return str(obj)
+
+
+def official_model_state(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The official keys of a pretraining state_dict: everything but the ``mor.*`` entries
+    (what the official ConvMAE / FastConvMAE code loads strictly)."""
+    return {k: v for k, v in state.items() if not k.startswith("mor.")}
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
