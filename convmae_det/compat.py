@@ -46,13 +46,14 @@ def _install_pkg_resources_shim() -> None:
     sys.modules["pkg_resources"] = shim
 
 
-def load_sem_seg_label(path: str, dtype=np.uint8) -> np.ndarray:
-    """numpy-2-safe replacement of detectron2's ``load_image_into_numpy_array``."""
+def load_sem_seg_label(filename: str, copy: bool = False, dtype=None) -> np.ndarray:
+    """numpy-2-safe replacement of detectron2's ``load_image_into_numpy_array`` (same signature)."""
     from detectron2.utils.file_io import PathManager
     from PIL import Image
 
-    with PathManager.open(path, "rb") as f:
-        return np.asarray(Image.open(f), dtype=dtype)
+    with PathManager.open(filename, "rb") as f:
+        array = np.asarray(Image.open(f), dtype=dtype)
+    return array.copy() if copy else array
 
 
 def _fix_sem_seg_evaluator() -> None:

@@ -380,7 +380,9 @@ class ConvViT(nn.Module):
         elif pos_embed_init == "trunc_normal":
             trunc_normal_(self.pos_embed, std=0.02)
         else:
-            raise ValueError(f"pos_embed_init={pos_embed_init!r}; expected 'sincos' or 'trunc_normal'")
+            raise ValueError(
+                f"pos_embed_init={pos_embed_init!r}; expected 'sincos' or 'trunc_normal'"
+            )
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -42,7 +42,9 @@ def get_2d_sincos_pos_embed(dim: int, grid_hw: Tuple[int, int]) -> torch.Tensor:
     if dim % 4 != 0:
         raise ValueError(f"sin-cos position embedding needs dim % 4 == 0, got dim={dim}")
     h, w = grid_hw
-    gy, gx = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    gy, gx = np.meshgrid(
+        np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij"
+    )
 
     def _one_axis(pos: np.ndarray) -> np.ndarray:
         omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))

@@ -1,0 +1,28 @@
+"""Checkpoint reading (safe by default), format detection, explicit key mapping and writing."""
+
+from .checkpointer import ConvMAECheckpointer
+from .convert import (
+    CheckpointReport,
+    convert_checkpoint,
+    detect_format,
+    extract_encoder,
+    find_encoder_prefix,
+    register_key_mapper,
+    unwrap_checkpoint,
+)
+from .io import CheckpointError, load_checkpoint_file, save_checkpoint_atomic, write_text_atomic
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointReport",
+    "ConvMAECheckpointer",
+    "convert_checkpoint",
+    "detect_format",
+    "extract_encoder",
+    "find_encoder_prefix",
+    "load_checkpoint_file",
+    "register_key_mapper",
+    "save_checkpoint_atomic",
+    "unwrap_checkpoint",
+    "write_text_atomic",
+]

@@ -1,0 +1,92 @@
+"""Load a LazyConfig (``.py``) or yacs (``.yaml``) config and build its model, with errors that
+name the file and the offending override. Shared by the conversion, demo and benchmark tools."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch.nn as nn
+
+__all__ = ["ConfigError", "load_any_config", "build_model_from_config", "config_kind"]
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which and why."""
+
+
+def config_kind(path: str) -> str:
+    """ "lazy" for ``.py`` files, "yacs" for ``.yaml`` / ``.yml``."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".py":
+        return "lazy"
+    if ext in (".yaml", ".yml"):
+        return "yacs"
+    raise ConfigError(
+        f"{path}: unknown config type {ext!r}; expected a LazyConfig .py or a yacs .yaml"
+    )
+
+
+def load_any_config(path: str, opts: Optional[Sequence[str]] = None) -> Tuple[Any, str]:
+    """Load ``path`` and apply ``opts`` (``key=value`` for LazyConfig, ``KEY VALUE`` pairs or
+    ``KEY=VALUE`` for yacs). Returns (cfg, kind)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file")
+    kind = config_kind(path)
+    opts = list(opts or [])
+    if kind == "lazy":
+        from detectron2.config import LazyConfig
+
+        cfg = LazyConfig.load(path)
+        for opt in opts:
+            key = opt.split("=", 1)[0]
+            if "=" not in opt:
+                raise ConfigError(f"override {opt!r} for {path}: expected key=value")
+            try:
+                cfg = LazyConfig.apply_overrides(cfg, [opt])
+            except (KeyError, AttributeError, ValueError) as exc:
+                raise ConfigError(
+                    f"override {opt!r} for {path}: key {key!r} cannot be set ({exc})"
+                ) from None
+        return cfg, kind
+
+    from detectron2.config import get_cfg
+
+    from .config import add_convmae_config
+
+    cfg = get_cfg()
+    add_convmae_config(cfg)
+    cfg.set_new_allowed(False)
+    try:
+        cfg.merge_from_file(path)
+    except KeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    pairs: List[str] = []
+    for opt in opts:
+        pairs += opt.split("=", 1) if "=" in opt else [opt]
+    if len(pairs) % 2:
+        raise ConfigError(f"overrides {opts} for {path}: expected KEY VALUE pairs")
+    try:
+        cfg.merge_from_list(pairs)
+    except (KeyError, AssertionError, ValueError) as exc:
+        raise ConfigError(f"overrides for {path}: {exc}") from None
+    return cfg, kind
+
+
+def build_model_from_config(cfg: Any, kind: str, *, device: Optional[str] = None) -> nn.Module:
+    """Instantiate the model of a loaded config (on ``device`` if given)."""
+    if kind == "lazy":
+        from detectron2.config import instantiate
+
+        model = instantiate(cfg.model)
+    else:
+        from detectron2.modeling import build_model
+
+        if device is not None:
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.MODEL.DEVICE = device
+        model = build_model(cfg)
+    if device is not None:
+        model = model.to(device)
+    return model
