@@ -172,24 +172,47 @@ def test_mor_training_updates_the_ema_target(toy_dir, tmp_path):
     build_pretrain_model("fastconvmae_toy").load_state_dict(official, strict=True)
 
 
-def test_demo_checkpoint_hands_off_to_a_downstream_backbone(toy_dir, tmp_path):
-    path = run_pretrain_demo(toy_dir, str(tmp_path), minutes=5, epochs=1, batch_size=8)
-    state = torch.load(path, weights_only=True)["model"]
-    # a detector-style encoder: windowed + global blocks, shared relative tables, no final norm
-    backbone = ConvViT(
-        window_size=2,
-        window_block_indexes=(0,),
-        rel_pos="shared",
-        pos_embed_hw=(4, 4),
-        **TOY_ENCODER_KWARGS,
+class _ToyDetector(nn.Module):
+    """Stands in for a detector: the encoder at ``backbone.bottom_up`` (windowed + global
+    blocks, shared relative tables, no final norm, 2x pretraining grid) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        encoder = ConvViT(
+            window_size=4,
+            window_block_indexes=(0,),
+            rel_pos="shared",
+            pos_embed_hw=(8, 8),
+            **TOY_ENCODER_KWARGS,
+        )
+        self.backbone = nn.ModuleDict({"bottom_up": encoder})
+        self.head = nn.Linear(96, 2)
+
+
+@pytest.mark.parametrize("mor", [None, dict(head_depth=1)])
+def test_demo_checkpoint_hands_off_to_a_detector_with_no_missing_encoder_keys(
+    toy_dir, tmp_path, mor
+):
+    from convmae_det.checkpoint import convert_checkpoint, load_checkpoint_file
+
+    if mor is None:
+        path = run_pretrain_demo(toy_dir, str(tmp_path), minutes=5, epochs=1, batch_size=8)
+    else:  # a MoR checkpoint carries mor.* keys next to the official ones
+        cfg = _cfg(toy_dir, tmp_path, epochs=1)
+        cfg["model"]["mor"] = mor
+        path = run_pretraining(cfg)
+    detector = _ToyDetector()
+    state, report = convert_checkpoint(load_checkpoint_file(path), detector, strict=True)
+    assert report.missing_encoder_keys == [] and not report.unexpected and not report.mismatched
+    encoder_keys = [k for k in detector.state_dict() if k.startswith("backbone.bottom_up.")]
+    not_loaded = [k for k in encoder_keys if k not in state]
+    assert not_loaded and all("rel_pos_bias" in k for k in not_loaded)  # born downstream
+    assert state["backbone.bottom_up.pos_embed"].shape == (1, 64, 96)  # 4x4 table resized
+    ckpt = torch.load(path, weights_only=True)["model"]
+    assert torch.equal(
+        state["backbone.bottom_up.blocks3.1.attn.qkv.weight"], ckpt["blocks3.1.attn.qkv.weight"]
     )
-    wanted = backbone.state_dict()
-    missing = [k for k in wanted if k not in state]
-    assert all("rel_pos" in k for k in missing) and missing  # only the tables born downstream
-    loaded = {k: state[k] for k in wanted if k in state}
-    assert all(loaded[k].shape == wanted[k].shape for k in loaded)
-    result = backbone.load_state_dict(loaded, strict=False)
-    assert sorted(result.missing_keys) == sorted(missing)
+    detector.load_state_dict(state, strict=False)
 
 
 def test_two_process_cpu_ddp_with_accumulation_through_the_tool(toy_dir, tmp_path):
