@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
+from ..checkpoint.io import save_checkpoint_atomic, write_text_atomic
+
 __all__ = [
     "plain_args",
-    "atomic_torch_save",
     "save_pretrain_checkpoint",
     "load_pretrain_checkpoint",
     "resume_pretraining",
@@ -62,24 +62,6 @@ def official_model_state(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.T
     return {k: v for k, v in state.items() if not k.startswith("mor.")}
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` onto ``path``:
-    readers never see a half-written file, and a crash leaves the previous file intact."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_pretrain_checkpoint(
     path: str,
     *,
@@ -97,12 +79,9 @@ def save_pretrain_checkpoint(
         "scaler": scaler.state_dict() if scaler is not None else {},
         "args": plain_args(args) if args is not None else {},
     }
-    atomic_torch_save(state, path)
-    pointer = os.path.join(os.path.dirname(os.path.abspath(path)), LAST_CHECKPOINT_FILE)
-    tmp = pointer + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(os.path.basename(path))
-    os.replace(tmp, pointer)
+    save_checkpoint_atomic(state, path)
+    folder = os.path.dirname(os.path.abspath(path))
+    write_text_atomic(os.path.basename(path), os.path.join(folder, LAST_CHECKPOINT_FILE))
     return path
 
 
