@@ -15,6 +15,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 PIP="$PY -m pip --disable-pip-version-check"
+# Machines with local package mirrors make pip print one warning per missing mirror folder.
+quiet() { "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 
 # shellcheck disable=SC2086
 if ! $PY - $TORCH_SPEC <<'PYEOF' 2>/dev/null
@@ -29,18 +31,18 @@ PYEOF
 then
   echo "[install] $TORCH_SPEC"
   # shellcheck disable=SC2086
-  $PIP install -q $PIP_EXTRA $TORCH_SPEC
+  quiet $PIP install -q $PIP_EXTRA $TORCH_SPEC
 fi
 
 if ! $PY -c "import timm, fvcore, pycocotools, omegaconf, cv2, shapely, pytest" 2>/dev/null; then
   echo "[install] detectron2 dependencies (requirements.txt)"
-  $PIP install -q -r requirements.txt
+  quiet $PIP install -q -r requirements.txt
 fi
 
-$PY scripts/install_detectron2.py --source "$DETECTRON2_SOURCE"
+quiet $PY scripts/install_detectron2.py --source "$DETECTRON2_SOURCE"
 
 if ! $PY -c "import convmae_det, os, sys; sys.exit(0 if os.path.samefile(os.path.dirname(convmae_det.__file__), 'convmae_det') else 1)" 2>/dev/null; then
   echo "[install] convmae_det (editable)"
-  $PIP install -q --no-deps --no-build-isolation -e .
+  quiet $PIP install -q --no-deps --no-build-isolation -e .
 fi
 echo "[install] environment ready in $(( $(date +%s) - start )) s ($(du -sh "$VENV" | cut -f1) in $VENV)"

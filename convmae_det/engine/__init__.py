@@ -1,1 +1,1 @@
-"""Training and evaluation loops, demos."""
+"""Training loops, checkpoints and demos built on detectron2's engine."""
