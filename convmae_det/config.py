@@ -62,8 +62,10 @@ def add_convmae_config(cfg: CN) -> CN:
     _c.MODEL.CONVVIT.E4_NORM = "SyncBN"
     # Backbone outputs (strides 4, 8, 16, 32).
     _c.MODEL.CONVVIT.OUT_FEATURES = ["e1", "e2", "e3", "e4"]
-    # F.scaled_dot_product_attention (True) or the explicit softmax path (same numbers).
-    _c.MODEL.CONVVIT.FUSED_ATTN = True
+    # Attention kernel: False = explicit softmax((q * scale) k^T + bias) v, the official op order
+    # (bit-identical stage-3 outputs); True = F.scaled_dot_product_attention (faster, less memory,
+    # equal up to float rounding, about 1e-6 relative).
+    _c.MODEL.CONVVIT.FUSED_ATTN = False
     # Recompute stage-3 blocks in backward to save memory.
     _c.MODEL.CONVVIT.USE_ACT_CHECKPOINT = False
 

@@ -52,6 +52,8 @@ class ConvViTSeg(ConvViT, Backbone):
         rel_pos, rel_pos_hw, layer_scale_init, attn_norm_eps, conv_norm_eps, drop_path_rate,
         pos_embed_hw, and the remaining keywords: see :class:`ConvViT`. ``rel_pos_hw`` defaults to
         ``pos_embed_hw``; grids larger than it use a bicubically resized table.
+        fused_attn: False (default) computes attention in the official order, so outputs equal the
+            official segmenter's bit for bit in fp32; True uses ``F.scaled_dot_product_attention``.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class ConvViTSeg(ConvViT, Backbone):
         conv_norm_eps: float = 1e-5,
         drop_path_rate: float = 0.2,
         pos_embed_hw: Tuple[int, int] = (32, 32),
+        fused_attn: bool = False,
         **kwargs,
     ):
         if kwargs.get("window_block_indexes"):
@@ -79,6 +82,7 @@ class ConvViTSeg(ConvViT, Backbone):
             conv_norm_eps=conv_norm_eps,
             drop_path_rate=drop_path_rate,
             pos_embed_hw=pos_embed_hw,
+            fused_attn=fused_attn,
             final_norm=False,
             **kwargs,
         )
@@ -126,9 +130,15 @@ class ConvViTSeg(ConvViT, Backbone):
                 f"{h // self.strides[2]}x{w // self.strides[2]}); use at least 64x64 or e4_mode="
                 "'maxpool'"
             )
-        feats = self.forward_features(x)
+        e1, e2 = self.forward_conv_stages(x)
+        tokens = self.forward_stage3(self.embed_stage3(e2))  # (B, h, w, C)
+        b, h3, w3, c = tokens.shape
+        # tokens -> NCHW as the official code does it (same strides, so the E4 convolution
+        # rounds exactly like the official one)
+        e3 = tokens.reshape(b, h3 * w3, c).transpose(1, 2).reshape(b, c, h3, w3)
+        feats = {"e1": e1, "e2": e2, "e3": e3}
         if "e4" in self._out_features:
-            feats["e4"] = self.fpn(feats["e3"])
+            feats["e4"] = self.fpn(e3)
         return {f: feats[f] for f in self._out_features}
 
 
