@@ -17,7 +17,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .palette import RGB, class_colors, instance_colors
 
-__all__ = ["blend_masks", "draw_instances", "draw_semantic", "draw_legend", "COLOR_MODES"]
+__all__ = [
+    "blend_masks",
+    "draw_instances",
+    "draw_semantic",
+    "draw_legend",
+    "draw_prediction",
+    "COLOR_MODES",
+]
 
 COLOR_MODES = ("class", "instance")
 
@@ -169,3 +176,51 @@ def draw_legend(
         draw.rectangle([6, y, 6 + size, y + size], fill=tuple(color), outline=(0, 0, 0))
         draw.text((12 + size, y - 1), text, fill=(0, 0, 0), font=font)
     return np.asarray(panel)
+
+
+def _upscale_instances(inst: Instances, s: int) -> Instances:
+    h, w = inst.image_size
+    out = Instances((h * s, w * s))
+    for key, value in inst.get_fields().items():
+        if key == "pred_boxes":
+            value = value.clone()
+            value.scale(s, s)
+        elif key == "pred_masks":
+            value = value.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)
+        out.set(key, value)
+    return out
+
+
+def draw_prediction(
+    image: np.ndarray,
+    output: dict,
+    metadata=None,
+    *,
+    confidence_threshold: float = 0.5,
+    alpha: float = 0.5,
+    color_mode: str = "class",
+    scale: int = 1,
+    legend: bool = True,
+) -> np.ndarray:
+    """Draw a model output on its (H, W, 3) uint8 RGB image: ``instances`` (kept when score >=
+    ``confidence_threshold``) or ``sem_seg`` ((K, H, W) scores, argmax). ``scale`` (integer)
+    enlarges the picture with nearest neighbours before drawing, so text stays sharp."""
+    scale = int(scale)
+    if scale > 1:
+        image = image.repeat(scale, 0).repeat(scale, 1)
+    if "instances" in output:
+        inst = output["instances"].to("cpu")
+        if inst.has("scores"):
+            inst = inst[inst.scores >= confidence_threshold]
+        if scale > 1:
+            inst = _upscale_instances(inst, scale)
+        return draw_instances(image, inst, metadata, alpha=alpha, color_mode=color_mode)
+    if "sem_seg" in output:
+        seg = output["sem_seg"].argmax(0).cpu().numpy()
+        if scale > 1:
+            seg = seg.repeat(scale, 0).repeat(scale, 1)
+        return draw_semantic(image, seg, metadata, alpha=alpha, legend=legend)
+    raise ValueError(
+        f"cannot draw a model output with keys {sorted(output)}; expected "
+        "'instances' or 'sem_seg'"
+    )

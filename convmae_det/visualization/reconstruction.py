@@ -173,7 +173,9 @@ def reconstruction_grid(
     grid = np.full((k * (h + pad) - pad, 4 * (w + pad) - pad, 3), 255, dtype=np.uint8)
     for i in range(k):
         for j in range(4):
-            grid[i * (h + pad) : i * (h + pad) + h, j * (w + pad) : j * (w + pad) + w] = panels[i, j]
+            grid[i * (h + pad) : i * (h + pad) + h, j * (w + pad) : j * (w + pad) + w] = panels[
+                i, j
+            ]
     return grid, panels
 
 
