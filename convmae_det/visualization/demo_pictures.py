@@ -90,9 +90,13 @@ def write_demo_pictures(
     if checkpoint:
         from .reconstruction import load_pretrain_model, save_reconstruction_grids
 
-        model = load_pretrain_model(checkpoint)
-        images = [d["file_name"] for d in DatasetCatalog.get("toy_coco_val")[:2]]
-        paths += save_reconstruction_grids(model, images, pictures, scale=3)
+        try:
+            model = load_pretrain_model(checkpoint)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            logger.warning("No reconstructions from %s: %s", checkpoint, str(exc)[:500])
+        else:
+            images = [d["file_name"] for d in DatasetCatalog.get("toy_coco_val")[:2]]
+            paths += save_reconstruction_grids(model, images, pictures, scale=3)
     for part in ("pretrain", "detection", "segmentation"):
         folder = os.path.join(demo_dir, part)
         if any(os.path.isfile(os.path.join(folder, f)) for f in ("metrics.json", "metrics.jsonl")):
