@@ -6,7 +6,8 @@
 2. load that checkpoint into a toy ConvViTDet Mask R-CNN (the loader's report is printed), train
    it, evaluate box / mask AP on the held-out images and draw its predicted masks;
 3. train a toy ConvViT + UperNet segmenter, evaluate mIoU next to a constant-prediction baseline;
-4. print a summary and the folder that holds every picture, log and metrics file.
+4. draw the predicted masks, reconstructions and training curves into ``pictures/`` and print a
+   summary and the folder that holds every picture, log and metrics file.
 
     python tools/run_demo.py [--output-dir demo_output] [--pretrain-minutes 2] [--skip-pretrain]
         [--skip-detection] [--skip-segmentation]
@@ -81,6 +82,13 @@ def main(argv=None) -> int:
             f"toy segmenter: mIoU {seg['miou']:.1f} "
             f"(constant-prediction baseline {seg['baseline_miou']:.1f})"
         )
+
+    from convmae_det.visualization import write_demo_pictures
+
+    _banner("pictures")
+    pictures = write_demo_pictures(out)
+    summary["pictures"] = pictures
+    print(f"\nPictures ({len(pictures)}): {os.path.join(out, 'pictures')}")
 
     summary["total_seconds"] = round(time.time() - start, 1)
     with open(os.path.join(out, "demo_summary.json"), "w") as f:
