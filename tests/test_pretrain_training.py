@@ -172,21 +172,15 @@ def test_mor_training_updates_the_ema_target(toy_dir, tmp_path):
     build_pretrain_model("fastconvmae_toy").load_state_dict(official, strict=True)
 
 
-class _ToyDetector(nn.Module):
-    """Stands in for a detector: the encoder at ``backbone.bottom_up`` (windowed + global
-    blocks, shared relative tables, no final norm, 2x pretraining grid) and a head."""
+def _toy_detector() -> nn.Module:
+    """The demo's toy paper detector (configs/toy/mask_rcnn_convvitdet_toy.py)."""
+    from detectron2.config import instantiate
 
-    def __init__(self):
-        super().__init__()
-        encoder = ConvViT(
-            window_size=4,
-            window_block_indexes=(0,),
-            rel_pos="shared",
-            pos_embed_hw=(8, 8),
-            **TOY_ENCODER_KWARGS,
-        )
-        self.backbone = nn.ModuleDict({"bottom_up": encoder})
-        self.head = nn.Linear(96, 2)
+    from convmae_det.model_from_config import load_any_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg, _ = load_any_config(os.path.join(root, "configs", "toy", "mask_rcnn_convvitdet_toy.py"))
+    return instantiate(cfg.model)
 
 
 @pytest.mark.parametrize("mor", [None, dict(head_depth=1)])
@@ -201,13 +195,14 @@ def test_demo_checkpoint_hands_off_to_a_detector_with_no_missing_encoder_keys(
         cfg = _cfg(toy_dir, tmp_path, epochs=1)
         cfg["model"]["mor"] = mor
         path = run_pretraining(cfg)
-    detector = _ToyDetector()
+    detector = _toy_detector()
     state, report = convert_checkpoint(load_checkpoint_file(path), detector, strict=True)
     assert report.missing_encoder_keys == [] and not report.unexpected and not report.mismatched
     encoder_keys = [k for k in detector.state_dict() if k.startswith("backbone.bottom_up.")]
     not_loaded = [k for k in encoder_keys if k not in state]
     assert not_loaded and all("rel_pos_bias" in k for k in not_loaded)  # born downstream
-    assert state["backbone.bottom_up.pos_embed"].shape == (1, 64, 96)  # 4x4 table resized
+    # the 4x4 pretraining table resized to the detector's 12x12 grid
+    assert state["backbone.bottom_up.pos_embed"].shape == (1, 144, TOY_ENCODER_KWARGS["embed_dims"][2])
     ckpt = torch.load(path, weights_only=True)["model"]
     assert torch.equal(
         state["backbone.bottom_up.blocks3.1.attn.qkv.weight"], ckpt["blocks3.1.attn.qkv.weight"]

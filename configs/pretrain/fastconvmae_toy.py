@@ -2,7 +2,7 @@
 
     python tools/pretrain.py --config-file configs/pretrain/fastconvmae_toy.py
 
-Toy encoder: convmae_det.modeling.pretrain.TOY_ENCODER_KWARGS (dims 32/48/96, depths 1/1/2).
+Toy encoder: convmae_det.modeling.pretrain.TOY_ENCODER_KWARGS (dims 32/64/128, depths 1/1/3, 4 heads).
 64 toy images / 16 per step = 4 steps per epoch; lr = 1.6e-2 * 16 / 256 = 1e-3.
 """
 

@@ -380,10 +380,9 @@ def _fill_missing_ema(module: nn.Module, incompatible) -> None:
 
 
 # ---------------------------------------------------------------------- builders
-TOY_ENCODER_KWARGS: Dict[str, Any] = dict(
-    embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=(2.0, 2.0, 2.0)
-)
-"""The encoder of the toy pretraining models (for toy detector / segmenter configs to match)."""
+TOY_ENCODER_KWARGS: Dict[str, Any] = dict(embed_dims=(32, 64, 128), depths=(1, 1, 3), num_heads=4)
+"""The encoder of the toy pretraining models; ``configs/toy/mask_rcnn_convvitdet_toy.py`` uses the
+same one, so the demo detector starts from the toy pretraining checkpoint."""
 
 _TOY_DECODER = dict(decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, img_size=64)
 
