@@ -23,6 +23,8 @@ import convmae_det.data  # noqa: E402,F401  (registers the datasets)
 from convmae_det.checkpoint import ConvMAECheckpointer  # noqa: E402
 from convmae_det.engine.seg_train_loop import do_seg_test, do_seg_train, get_seg_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 logger = logging.getLogger("convmae_det")
@@ -33,6 +35,8 @@ def setup(args):
     cfg = get_seg_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # our own loggers (checkpoint reports, ETA) write to the same log.txt
+    setup_logger(cfg.OUTPUT_DIR or None, distributed_rank=comm.get_rank(), name="convmae_det")
     return cfg
 
 
