@@ -118,7 +118,8 @@ def test_kill9_during_training_then_resume_gives_the_uninterrupted_weights(
     final = _final_state(out)
     assert final["iteration"] == uninterrupted["iteration"] == MAX_ITER - 1
     _assert_same_weights(final["model"], uninterrupted["model"])
-    opt_a, opt_b = final["optimizer"]["state"], uninterrupted["optimizer"]["state"]
+    opt_a = final["trainer"]["optimizer"]["state"]
+    opt_b = uninterrupted["trainer"]["optimizer"]["state"]
     assert opt_a.keys() == opt_b.keys() and len(opt_a) > 0
     for i in opt_a:
         _assert_same_weights(opt_a[i], opt_b[i])  # Adam moments and step counts
