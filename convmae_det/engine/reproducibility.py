@@ -53,7 +53,11 @@ def seed_everything(seed: int) -> None:
 def fork_rng(seed: int) -> Iterator[None]:
     """Run the body with every global generator seeded by ``seed``, then restore their states
     (the caller's random stream is untouched). CPU generators only."""
-    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    py_state, np_state, torch_state = (
+        random.getstate(),
+        np.random.get_state(),
+        torch.get_rng_state(),
+    )
     seed_everything(seed)
     try:
         yield
