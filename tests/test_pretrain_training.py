@@ -202,7 +202,11 @@ def test_demo_checkpoint_hands_off_to_a_detector_with_no_missing_encoder_keys(
     not_loaded = [k for k in encoder_keys if k not in state]
     assert not_loaded and all("rel_pos_bias" in k for k in not_loaded)  # born downstream
     # the 4x4 pretraining table resized to the detector's 12x12 grid
-    assert state["backbone.bottom_up.pos_embed"].shape == (1, 144, TOY_ENCODER_KWARGS["embed_dims"][2])
+    assert state["backbone.bottom_up.pos_embed"].shape == (
+        1,
+        144,
+        TOY_ENCODER_KWARGS["embed_dims"][2],
+    )
     ckpt = torch.load(path, weights_only=True)["model"]
     assert torch.equal(
         state["backbone.bottom_up.blocks3.1.attn.qkv.weight"], ckpt["blocks3.1.attn.qkv.weight"]

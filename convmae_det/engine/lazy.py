@@ -123,9 +123,7 @@ def lazy_train(
         amp_precision=str(amp.get("precision", "bf16")),
     )
     loader_state = {"data_loader": train_loader} if hasattr(train_loader, "state_dict") else {}
-    checkpointer = build_checkpointer(
-        model, cfg.train.output_dir, trainer=trainer, **loader_state
-    )
+    checkpointer = build_checkpointer(model, cfg.train.output_dir, trainer=trainer, **loader_state)
     install_finite_loss_check(
         trainer,
         mode=str(cfg.train.get("nonfinite_loss", "stop")),
