@@ -53,8 +53,9 @@ def main(argv=None) -> int:
         action="store_true",
         help="allow arbitrary unpickling of SRC (only for files you trust)",
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
-    args = parser.parse_args(argv)
+    parser.add_argument("opts", nargs="*", help="config overrides key=value")
+    # intermixed: options may follow SRC DST (REMAINDER would swallow them as overrides)
+    args = parser.parse_intermixed_args(argv)
 
     try:
         ckpt = load_checkpoint_file(args.src, allow_unsafe=args.unsafe_load)

@@ -1,0 +1,177 @@
+"""Training and evaluation of a LazyConfig model: the body of ``tools/lazyconfig_train_net.py``.
+
+The config follows detectron2's ``configs/common/train.py`` (see ``configs/common/train.py`` here
+for every key): ``model``, ``dataloader.{train,test,evaluator}``, ``optimizer``,
+``lr_multiplier`` and ``train`` (``output_dir``, ``init_checkpoint``, ``max_iter``,
+``amp.{enabled,precision}``, ``ddp``, ``checkpointer``, ``eval_period``, ``log_period``,
+``device``, ``seed``, ``init_strict``).
+
+What we add to detectron2's script: checkpoints are read by our loader (any supported format,
+with a logged report), CUDA-less runs fall back to the CPU (DDP on gloo), AMP takes bf16 or fp16,
+datasets are checked before anything is built, and the final metrics are returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Dict, Optional
+
+import torch.nn as nn
+from detectron2.config import instantiate
+from detectron2.engine import default_writers, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from omegaconf import DictConfig
+
+from ..checkpoint import ConvMAECheckpointer
+from .config import check_datasets, dataset_names_in_config
+from .hooks import AMPOverflowCounter, install_finite_loss_check
+from .resume import repair_last_checkpoint
+from .reproducibility import IterationSeeder, enable_determinism, resolve_run_seed
+from .trainer import build_trainer, count_parameters, resolve_device
+
+__all__ = ["build_checkpointer", "load_weights", "lazy_test", "lazy_train", "lazy_eval_only"]
+
+logger = logging.getLogger("detectron2")
+
+
+def build_checkpointer(model: nn.Module, save_dir: str = "", **kwargs) -> ConvMAECheckpointer:
+    """Our checkpointer: reads every supported format, logs a report, saves atomically."""
+    return ConvMAECheckpointer(model, save_dir, **kwargs)
+
+
+def load_weights(checkpointer: ConvMAECheckpointer, path: str, *, strict: bool = False) -> None:
+    """Load ``path`` into the checkpointer's model (no-op when empty). The loader logs its
+    report; with ``strict`` anything unexplained (missing, unexpected, mismatched) raises
+    :class:`convmae_det.checkpoint.CheckpointError`."""
+    if not path:
+        logger.info("No init checkpoint: training from scratch")
+        return
+    previous, checkpointer.strict = checkpointer.strict, strict
+    try:
+        checkpointer.load(path)
+    finally:
+        checkpointer.strict = previous
+
+
+def lazy_test(cfg: DictConfig, model: nn.Module) -> Dict[str, Any]:
+    """Run ``cfg.dataloader.evaluator`` over ``cfg.dataloader.test``; {} without an evaluator."""
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    loader = instantiate(cfg.dataloader.test)  # first: toy datasets are generated on load
+    results = inference_on_dataset(model, loader, instantiate(cfg.dataloader.evaluator))
+    if comm.is_main_process():
+        print_csv_format(results)
+    return results
+
+
+def _device(cfg: DictConfig) -> str:
+    device = resolve_device(cfg.train.get("device", "cuda"))
+    cfg.train.device = device
+    return device
+
+
+def lazy_eval_only(cfg: DictConfig, *, strict: Optional[bool] = None) -> Dict[str, Any]:
+    """Build the model, load ``train.init_checkpoint`` and evaluate it."""
+    check_datasets(dataset_names_in_config(cfg))
+    device = _device(cfg)
+    model = instantiate(cfg.model).to(device)
+    model = create_ddp_model(model)
+    strict = cfg.train.get("init_strict", False) if strict is None else strict
+    load_weights(build_checkpointer(model), cfg.train.init_checkpoint, strict=strict)
+    return lazy_test(cfg, model)
+
+
+def lazy_train(
+    cfg: DictConfig,
+    *,
+    resume: bool = False,
+    strict: Optional[bool] = None,
+    timings: Optional[Dict[str, float]] = None,
+) -> Dict[str, Any]:
+    """Train ``cfg`` from ``train.init_checkpoint`` (or resume from ``train.output_dir``).
+
+    Periodic checkpoints (``train.checkpointer``), evaluation every ``train.eval_period`` and at
+    the end, ``metrics.json`` / tensorboard / console (with ETA) every ``train.log_period``.
+    Returns the results of the last evaluation ({} when none ran). ``timings``, if given, receives
+    ``train_seconds`` (the training loop without evaluation) and ``eval_seconds``.
+    """
+    timings = {} if timings is None else timings
+    timings.update(train_seconds=0.0, eval_seconds=0.0)
+    check_datasets(dataset_names_in_config(cfg))
+    device = _device(cfg)
+    enable_determinism(bool(cfg.train.get("deterministic", False)))
+    model = instantiate(cfg.model).to(device)
+    logger.info(
+        f"Model: {type(model).__name__}, {count_parameters(model) / 1e6:.2f} M parameters "
+        f"({count_parameters(model, trainable_only=True) / 1e6:.2f} M trainable)"
+    )
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = create_ddp_model(model, **cfg.train.ddp)
+    amp = cfg.train.get("amp", {})
+    trainer = build_trainer(
+        model,
+        train_loader,
+        optimizer,
+        device=device,
+        amp_enabled=bool(amp.get("enabled", False)),
+        amp_precision=str(amp.get("precision", "bf16")),
+    )
+    loader_state = {"data_loader": train_loader} if hasattr(train_loader, "state_dict") else {}
+    checkpointer = build_checkpointer(model, cfg.train.output_dir, trainer=trainer, **loader_state)
+    install_finite_loss_check(
+        trainer,
+        mode=str(cfg.train.get("nonfinite_loss", "stop")),
+        last_checkpoint=lambda: checkpointer.get_checkpoint_file() or "",
+    )
+    last_results: Dict[str, Any] = {}
+
+    def evaluate() -> Dict[str, Any]:
+        start = time.perf_counter()
+        last_results.clear()
+        last_results.update(lazy_test(cfg, model))
+        timings["eval_seconds"] += time.perf_counter() - start
+        return dict(last_results)
+
+    main = comm.is_main_process()
+    trainer.register_hooks(
+        [
+            IterationSeeder(resolve_run_seed(cfg.train.get("seed", -1)), train_loader),
+            AMPOverflowCounter(),
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
+            hooks.EvalHook(cfg.train.eval_period, evaluate),
+            (
+                hooks.PeriodicWriter(
+                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                    period=cfg.train.log_period,
+                )
+                if main
+                else None
+            ),
+        ]
+    )
+    if resume and comm.is_main_process():
+        repair_last_checkpoint(checkpointer)
+    comm.synchronize()
+    if resume and checkpointer.has_checkpoint():
+        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=True)
+        start_iter = trainer.iter + 1  # the checkpoint holds the last finished iteration
+        logger.info(f"Resuming from {checkpointer.get_checkpoint_file()} at iteration {start_iter}")
+    else:
+        strict = cfg.train.get("init_strict", False) if strict is None else strict
+        load_weights(checkpointer, cfg.train.init_checkpoint, strict=strict)
+        start_iter = 0
+    if start_iter >= cfg.train.max_iter:
+        logger.info(f"Nothing to train: start_iter={start_iter} >= max_iter={cfg.train.max_iter}")
+        return evaluate()
+    start = time.perf_counter()
+    trainer.train(start_iter, cfg.train.max_iter)
+    timings["train_seconds"] = time.perf_counter() - start - timings["eval_seconds"]
+    return dict(last_results)
