@@ -236,3 +236,39 @@ def test_grouped_convolution_backward_is_counted_like_its_forward():
     total, by_op = count_flops(lambda: conv(x).sum().backward())
     assert forward == 2 * 16 * 16 * 25 * 64 * 2
     assert by_op["aten.convolution_backward"] == 2 * forward  # grad input + grad weight
+
+
+def test_project_configs_run_with_the_fast_paths_reaching_the_encoder():
+    common = dict(device="cpu", warmup=0, iters=1, peak_tflops=0, batch_size=2)
+    det = run_benchmark(
+        BenchmarkConfig(
+            config_file=os.path.join(ROOT, "configs/toy/mask_rcnn_convvitdet_toy.py"),
+            mode="train",
+            image_size=(128, 128),
+            paths=FastPaths(channels_last=True, act_checkpoint=(1, 3)),
+            **common,
+        )
+    )
+    cov = det["fast_path_coverage"]
+    assert cov["convvit_encoders"] == 1 and cov["attention_modules"] > 0
+    assert cov["sdpa_attention_modules"] == 0  # CPU training with rel-pos: explicit
+    assert cov["checkpointed_blocks"] > 0
+    seg = run_benchmark(
+        BenchmarkConfig(
+            config_file=os.path.join(ROOT, "configs/ADE20K/upernet_convmae_toy.yaml"),
+            mode="train",
+            image_size=(64, 64),
+            **common,
+        )
+    )
+    assert seg["flops_per_img"] > 0 and seg["fast_path_coverage"]["convvit_encoders"] == 1
+
+
+def test_synthetic_label_maps_for_semantic_segmentation():
+    (item,) = synthetic_detection_batch(
+        1, (40, 60), with_instances=False, sem_seg_classes=7, ignore_value=255
+    )
+    labels = item["sem_seg"]
+    assert labels.shape == (40, 60) and labels.dtype == torch.int64
+    values = set(labels.unique().tolist())
+    assert 255 in values and values - {255} <= set(range(7))

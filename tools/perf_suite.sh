@@ -40,6 +40,7 @@ if [ "$SUITE" = gpu ]; then
   config_row gpu_mask_rcnn_convvitdet_b_train configs/COCO/mask_rcnn_convvitdet_b_25ep.py --mode train $G --channels-last --act-checkpoint 1
   config_row gpu_mask_rcnn_convvitdet_b_infer configs/COCO/mask_rcnn_convvitdet_b_25ep.py --mode inference $G --channels-last
   config_row gpu_mask_rcnn_convmae_vitdet_b_train configs/COCO/mask_rcnn_convmae_vitdet_b_25ep.py --mode train $G --channels-last --act-checkpoint 1
+  config_row gpu_upernet_convmae_b_train configs/ADE20K/upernet_convmae_b_512_160k.yaml --mode train --device cuda --batch-size 8 --size 512 --dtype bf16 --channels-last
   row gpu_convmae_b_pretrain --preset convmae_b --mode pretrain --device cuda --batch-size 64 --dtype bf16 --channels-last
 elif [ "$SUITE" = cpu ]; then
   C="--device cpu --threads 1"

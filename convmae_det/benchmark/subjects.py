@@ -5,7 +5,8 @@ Modes:
     ``backbone``        backbone forward, eval mode, no grad (B, 3, H, W) -> features;
     ``backbone_train``  backbone forward + backward of a scalar made from every output, train mode,
                         no optimizer step;
-    ``train``           full detectron2 model: losses on synthetic instances, backward, AdamW step;
+    ``train``           full detectron2 model: losses on synthetic instances (or label maps for a
+                        semantic segmentor), backward, AdamW step;
     ``inference``       full detectron2 model in eval mode, post-processing included (boxes and
                         masks pasted at the input resolution);
     ``pretrain``        pretraining model: masked-reconstruction loss, backward, AdamW step.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -171,12 +172,16 @@ def synthetic_detection_batch(
     num_classes: int = 80,
     mask_format: str = "polygon",
     with_instances: bool = True,
+    sem_seg_classes: Optional[int] = None,
+    ignore_value: int = 255,
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> List[Dict[str, Any]]:
     """detectron2 ``batched_inputs`` without a dataset: uint8 (3, H, W) images and, for training,
     ``Instances`` with ``gt_boxes`` (XYXY, 5-50% of each side), ``gt_classes`` and elliptic
-    ``gt_masks`` as ``PolygonMasks`` or ``BitMasks`` (``mask_format``: "polygon" / "bitmask")."""
+    ``gt_masks`` as ``PolygonMasks`` or ``BitMasks`` (``mask_format``: "polygon" / "bitmask"),
+    and/or a ``sem_seg`` (H, W) int64 label map with ``sem_seg_classes`` classes (about 5% of the
+    pixels ``ignore_value``)."""
     from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 
     if mask_format not in ("polygon", "bitmask"):
@@ -201,6 +206,10 @@ def synthetic_detection_batch(
             else:
                 inst.gt_masks = BitMasks(_ellipse_bitmasks(boxes, (h, w)))
             item["instances"] = inst.to(device)
+        if sem_seg_classes is not None:
+            labels = torch.randint(0, sem_seg_classes, (h, w), generator=gen)
+            labels[torch.rand(h, w, generator=gen) < 0.05] = ignore_value
+            item["sem_seg"] = labels.to(device)
         batch.append(item)
     return batch
 
@@ -296,13 +305,16 @@ def make_step(
         return step, info
 
     num_classes = getattr(getattr(model, "roi_heads", None), "num_classes", 80)
+    seg_head = getattr(model, "sem_seg_head", None)  # semantic segmentors train on label maps
     batch = synthetic_detection_batch(
         batch_size,
         image_size,
         num_instances=num_instances,
         num_classes=num_classes,
         mask_format=mask_format,
-        with_instances=mode == "train",
+        with_instances=mode == "train" and seg_head is None,
+        sem_seg_classes=seg_head.num_classes if mode == "train" and seg_head is not None else None,
+        ignore_value=getattr(seg_head, "ignore_value", 255),
         device=device,
     )
     if mode == "inference":
