@@ -159,8 +159,8 @@ class ConvViTDet(ConvViT, Backbone):
         strides = dict(zip(_LEVELS, self.strides + (self.strides[-1] * 2,)))
         channels = dict(zip(_LEVELS, self.embed_dims + (self.embed_dims[-1],)))
         self._out_features = names
-        self._out_feature_strides = {n: strides[l] for n, l in zip(names, out_features)}
-        self._out_feature_channels = {n: channels[l] for n, l in zip(names, out_features)}
+        self._out_feature_strides = {n: strides[lvl] for n, lvl in zip(names, out_features)}
+        self._out_feature_channels = {n: channels[lvl] for n, lvl in zip(names, out_features)}
         # e4 needs an even e3 grid; e3 alone needs a whole number of patches.
         self._size_divisibility = self.strides[-1] * (2 if e4_kind != "none" else 1)
 
