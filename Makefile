@@ -39,7 +39,7 @@ demo: install
 readme-pictures: install
 	$(PY) tools/run_demo.py --output-dir demo_output
 	mkdir -p docs/pictures
-	cp demo_output/pictures/detection_0.png demo_output/pictures/segmentation_0.png \
+	cp demo_output/pictures/detection_1.png demo_output/pictures/segmentation_0.png \
 	   demo_output/pictures/recon_val_000000.png demo_output/pictures/detection_curves.png \
 	   docs/pictures/
 
