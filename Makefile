@@ -20,7 +20,7 @@ DETECTRON2_SOURCE ?= wheel
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.convmae_det-installed
 
-.PHONY: install test demo lint clean-venv figures
+.PHONY: install test demo lint clean-venv readme-pictures
 
 install: $(STAMP)
 
@@ -35,7 +35,16 @@ test: install
 demo: install
 	$(PY) tools/run_demo.py
 
+# Regenerate the small pictures shown in the README from a fresh demo run.
+readme-pictures: install
+	$(PY) tools/run_demo.py --output-dir demo_output
+	mkdir -p docs/pictures
+	cp demo_output/pictures/detection_1.png demo_output/pictures/segmentation_0.png \
+	   demo_output/pictures/recon_val_000000.png demo_output/pictures/detection_curves.png \
+	   docs/pictures/
+
 lint: install
+	$(PY) -m pip install -q black
 	$(PY) -m black --check -l 100 convmae_det tools tests configs datasets scripts
 
 clean-venv:

@@ -19,6 +19,7 @@ import importlib
 import os
 import sys
 import types
+import warnings
 
 import numpy as np
 import torch
@@ -91,11 +92,20 @@ def _allow_safe_globals() -> None:
     torch.serialization.add_safe_globals(SAFE_GLOBALS)
 
 
+def _silence_dependency_noise() -> None:
+    # Printed on every run by the pinned snapshot's own imports; nothing a user can act on.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    warnings.filterwarnings(
+        "ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning
+    )
+
+
 def apply_all() -> None:
     """Apply every fix once (called when ``convmae_det`` is imported)."""
     global _applied
     if _applied:
         return
+    _silence_dependency_noise()
     _install_pkg_resources_shim()
     _allow_safe_globals()
     _fix_sem_seg_evaluator()

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         help="allow arbitrary unpickling of SRC (only for files you trust)",
     )
     parser.add_argument("opts", nargs="*", help="config overrides key=value")
-    # intermixed: flags may follow SRC DST (REMAINDER would swallow them as overrides)
+    # intermixed: options may follow SRC DST (REMAINDER would swallow them as overrides)
     args = parser.parse_intermixed_args(argv)
 
     try:

@@ -4,8 +4,14 @@ import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
+from convmae_det.data.resumable_loader import build_resumable_train_loader
+
 image_size = 1024
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
+# batch i depends on (seed, i) only: exact resume; skip_bad_samples=True logs and skips bad files
+dataloader.train._target_ = build_resumable_train_loader
+dataloader.train.seed = -1  # < 0: random, kept in the checkpoint
+dataloader.train.skip_bad_samples = False
 dataloader.train.mapper.augmentations = [
     L(T.RandomFlip)(horizontal=True),  # flip first
     L(T.ResizeScale)(

@@ -15,6 +15,8 @@ train = dict(
     eval_period=5000,  # evaluate every N iterations and after the last one (0: only at the end)
     log_period=20,  # console (with ETA) / metrics.json / tensorboard period
     device="cuda",  # falls back to "cpu" with a warning when CUDA is absent
-    seed=-1,  # < 0: random; else seed + rank
+    seed=-1,  # < 0: random (kept in the checkpoint); iteration i reseeds from (seed, rank, i)
+    deterministic=False,  # True: torch deterministic kernels (exact resume on CUDA as well)
+    nonfinite_loss="stop",  # NaN/Inf loss: "stop" (error naming iteration and terms) or "skip"
     cudnn_benchmark=False,
 )

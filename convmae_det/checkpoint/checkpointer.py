@@ -61,7 +61,7 @@ class ConvMAECheckpointer(DetectionCheckpointer):
             checkpoint["model"], model, strict=self.strict, source=self._loading_path
         )
         self.last_report = report
-        self.logger.info(report.summary())
+        logger.info(report.summary())
         model.load_state_dict(state, strict=False)
         checkpoint.pop("model")
         return _IncompatibleKeys(missing_keys=[], unexpected_keys=[], incorrect_shapes=[])

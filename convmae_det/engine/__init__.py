@@ -1,4 +1,4 @@
-"""Training helpers shared by the detection and segmentation scripts (LazyConfig and AMP)."""
+"""Training helpers shared by the tools: LazyConfig setup, AMP trainer, optimizer groups, loops."""
 
 from .config import (
     check_datasets,

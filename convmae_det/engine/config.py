@@ -18,6 +18,7 @@ from typing import Any, Iterable, List, Optional, Sequence
 from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_setup
+from detectron2.utils.logger import setup_logger
 from detectron2.utils import comm
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -154,9 +155,11 @@ def check_datasets(names: Iterable[tuple]) -> None:
 
 def default_lazy_setup(cfg: DictConfig, args: Any) -> None:
     """detectron2's ``default_setup`` (logging, env info, ``config.yaml``) plus a copy of the
-    source config file as ``config_source.py`` in ``train.output_dir``."""
+    source config file as ``config_source.py`` in ``train.output_dir``; our own ``convmae_det``
+    loggers (checkpoint reports, ETA) write to the same ``log.txt``."""
     default_setup(cfg, args)
     output_dir = cfg.train.get("output_dir", "")
+    setup_logger(output_dir or None, distributed_rank=comm.get_rank(), name="convmae_det")
     config_file = getattr(args, "config_file", "")
     if comm.is_main_process() and output_dir and config_file:
         os.makedirs(output_dir, exist_ok=True)

@@ -19,10 +19,10 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 
 from .. import data as _data  # noqa: F401  (registers the toy datasets, also in spawned workers)
+from ..visualization.overlay import draw_prediction
 from .config import check_datasets, dataset_names_in_config, load_lazy_config
 from .lazy import build_checkpointer, lazy_train
 
@@ -54,12 +54,10 @@ def draw_predictions(
         image = torch.as_tensor(rgb.transpose(2, 0, 1).copy())
         if cfg.model.get("input_format", "BGR") == "BGR":
             image = image.flip(0)
-        inst = model([{"image": image, "height": rgb.shape[0], "width": rgb.shape[1]}])[0]
-        inst = inst["instances"].to("cpu")
-        inst = inst[inst.scores >= 0.5]
-        vis = Visualizer(rgb, meta, scale=2.0, instance_mode=ColorMode.SEGMENTATION)
+        out = model([{"image": image, "height": rgb.shape[0], "width": rgb.shape[1]}])[0]
+        picture = draw_prediction(rgb, out, meta, confidence_threshold=0.5, scale=2)
         path = os.path.join(output_dir, f"pred_{i}.png")
-        vis.draw_instance_predictions(inst).save(path)
+        Image.fromarray(picture).save(path)
         paths.append(path)
     return paths
 

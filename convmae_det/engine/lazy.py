@@ -27,6 +27,9 @@ from omegaconf import DictConfig
 
 from ..checkpoint import ConvMAECheckpointer
 from .config import check_datasets, dataset_names_in_config
+from .hooks import AMPOverflowCounter, install_finite_loss_check
+from .resume import repair_last_checkpoint
+from .reproducibility import IterationSeeder, enable_determinism, resolve_run_seed
 from .trainer import build_trainer, count_parameters, resolve_device
 
 __all__ = ["build_checkpointer", "load_weights", "lazy_test", "lazy_train", "lazy_eval_only"]
@@ -99,6 +102,7 @@ def lazy_train(
     timings.update(train_seconds=0.0, eval_seconds=0.0)
     check_datasets(dataset_names_in_config(cfg))
     device = _device(cfg)
+    enable_determinism(bool(cfg.train.get("deterministic", False)))
     model = instantiate(cfg.model).to(device)
     logger.info(
         f"Model: {type(model).__name__}, {count_parameters(model) / 1e6:.2f} M parameters "
@@ -118,7 +122,13 @@ def lazy_train(
         amp_enabled=bool(amp.get("enabled", False)),
         amp_precision=str(amp.get("precision", "bf16")),
     )
-    checkpointer = build_checkpointer(model, cfg.train.output_dir, trainer=trainer)
+    loader_state = {"data_loader": train_loader} if hasattr(train_loader, "state_dict") else {}
+    checkpointer = build_checkpointer(model, cfg.train.output_dir, trainer=trainer, **loader_state)
+    install_finite_loss_check(
+        trainer,
+        mode=str(cfg.train.get("nonfinite_loss", "stop")),
+        last_checkpoint=lambda: checkpointer.get_checkpoint_file() or "",
+    )
     last_results: Dict[str, Any] = {}
 
     def evaluate() -> Dict[str, Any]:
@@ -131,6 +141,8 @@ def lazy_train(
     main = comm.is_main_process()
     trainer.register_hooks(
         [
+            IterationSeeder(resolve_run_seed(cfg.train.get("seed", -1)), train_loader),
+            AMPOverflowCounter(),
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
@@ -145,6 +157,9 @@ def lazy_train(
             ),
         ]
     )
+    if resume and comm.is_main_process():
+        repair_last_checkpoint(checkpointer)
+    comm.synchronize()
     if resume and checkpointer.has_checkpoint():
         checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=True)
         start_iter = trainer.iter + 1  # the checkpoint holds the last finished iteration

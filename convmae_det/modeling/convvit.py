@@ -442,6 +442,11 @@ class ConvViT(nn.Module):
             if self.window_block_indexes:
                 ws = (self.window_size, self.window_size)
                 window_bias = self.windowed_rel_pos_bias(ws).unsqueeze(0)
+            if torch.is_autocast_enabled(x.device.type):
+                # cast once here rather than in every block (the blocks cast to q.dtype)
+                dtype = torch.get_autocast_dtype(x.device.type)
+                global_bias = global_bias.to(dtype)
+                window_bias = window_bias.to(dtype) if window_bias is not None else None
         for i, blk in enumerate(self.blocks3):
             bias = window_bias if i in self.window_block_indexes else global_bias
             if self.use_act_checkpoint and self.training and torch.is_grad_enabled():

@@ -1,0 +1,405 @@
+"""The pretraining loop (ConvMAE / FastConvMAE / MoR): epochs over an image folder, AdamW with a
+per-iteration warm-up + half-cycle cosine schedule, AMP with a non-finite-loss guard, DDP,
+gradient accumulation, EMA-target updates, official-format checkpoints, resume, images/s + ETA.
+
+Entry point: :func:`run_pretraining` with a config holding ``model`` (a module, or a LazyCall /
+dict that :func:`detectron2.config.instantiate` builds) and ``train`` (keys of
+:data:`PRETRAIN_DEFAULTS`). Distributed runs: start it from detectron2's ``launch`` or torchrun
+(see ``tools/pretrain.py``); this module only reads the process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from datetime import timedelta
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from detectron2.utils import comm
+
+from .pretrain_checkpoint import find_last_checkpoint, load_pretrain_checkpoint
+from .pretrain_checkpoint import plain_args, resume_pretraining, save_pretrain_checkpoint
+from .pretrain_data import ImageFiles, build_pretrain_loader, build_pretrain_transform
+from .pretrain_data import resolve_data_path
+
+__all__ = [
+    "PRETRAIN_DEFAULTS",
+    "pretrain_param_groups",
+    "lr_at",
+    "PretrainRunner",
+    "run_pretraining",
+]
+
+logger = logging.getLogger(__name__)
+
+PRETRAIN_DEFAULTS: Dict[str, Any] = dict(
+    output_dir="output/pretrain",  # checkpoints, log.txt, metrics.jsonl
+    data_path=None,  # ImageFolder root or flat image folder; None: generated toy images
+    img_size=224,  # RandomResizedCrop output size (any multiple of 16)
+    crop_scale=(0.2, 1.0),  # RandomResizedCrop area range
+    batch_size=512,  # images per optimizer step over all processes and accumulation steps
+    accum_iter=1,  # gradient accumulation steps per optimizer step
+    blr=1.5e-4,  # base lr; lr = blr * batch_size / 256
+    min_lr=0.0,  # end of the cosine
+    weight_decay=0.05,  # none on 1-D parameters (norms, biases)
+    betas=(0.9, 0.95),  # AdamW
+    epochs=1600,
+    warmup_epochs=40,  # linear warm-up from 0, per iteration
+    clip_grad=None,  # max grad norm, None: no clipping (official)
+    amp=True,  # autocast on CUDA (ignored on CPU)
+    amp_dtype="float16",  # "float16" (with GradScaler, official) or "bfloat16"
+    max_nonfinite=10,  # consecutive non-finite losses (skipped steps) before giving up
+    num_workers=8,  # data loader workers per process
+    seed=0,
+    device="auto",  # "auto" (cuda if available), "cpu", "cuda"
+    log_period=20,  # iterations between log lines
+    checkpoint_period=20,  # epochs between checkpoints (the last epoch is always saved)
+    max_minutes=None,  # stop (and save) once this much wall time has passed
+    init_checkpoint=None,  # weights to start from (non-strict), e.g. an official release
+    resume=False,  # continue from output_dir/last_checkpoint if present
+    resume_from=None,  # or from this checkpoint file
+)
+
+
+def pretrain_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """AdamW groups: trainable parameters with ``ndim <= 1`` (norms, biases) get no weight decay
+    (as ``timm.optim_factory.add_weight_decay`` in the official code); frozen ones are left out."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return [
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay},
+    ]
+
+
+def lr_at(epoch: float, *, lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
+    """Learning rate at fractional ``epoch``: linear warm-up from 0, then half-cycle cosine."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    span = max(epochs - warmup_epochs, 1e-12)
+    progress = min((epoch - warmup_epochs) / span, 1.0)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _options(train: Mapping[str, Any]) -> Dict[str, Any]:
+    opts = dict(PRETRAIN_DEFAULTS)
+    given = plain_args(train)
+    unknown = sorted(set(given) - set(opts))
+    if unknown:
+        raise KeyError(f"unknown train options {unknown}; expected keys of PRETRAIN_DEFAULTS")
+    opts.update(given)
+    return opts
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", comm.get_local_rank() if dist.is_initialized() else 0)
+    return torch.device(name)
+
+
+class _Meter:
+    """Window averages of the logged scalars plus the throughput / ETA bookkeeping."""
+
+    def __init__(self, total_iters: int, images_per_iter: int):
+        self.total_iters = total_iters
+        self.images_per_iter = images_per_iter
+        self.sums: Dict[str, float] = {}
+        self.count = 0
+        self.done = 0
+        self.tic = time.perf_counter()
+        self.iter_time = None
+
+    def add(self, values: Dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        self.done += 1
+
+    def flush(self) -> Dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self.tic, 1e-9)
+        self.iter_time = elapsed / max(self.count, 1)
+        stats = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        stats["img_per_s"] = self.count * self.images_per_iter / elapsed
+        stats["eta_s"] = self.iter_time * max(self.total_iters - self.done, 0)
+        self.sums, self.count, self.tic = {}, 0, now
+        return stats
+
+
+def _build(cfg: Mapping[str, Any]) -> nn.Module:
+    model = cfg["model"]
+    if isinstance(model, nn.Module):
+        return model
+    from detectron2.config import instantiate
+
+    return instantiate(model)
+
+
+class PretrainRunner:
+    """Holds the model, data, optimizer and scaler of one pretraining run; :meth:`run` trains.
+
+    Steps of one iteration: lr from the schedule (once per optimizer step), forward under
+    autocast, one all-reduce of the loss values (the mean across processes, for the log and the
+    non-finite guard) and of the time-budget flag, backward (skipped on every process when any
+    loss is non-finite), optimizer + scaler step every ``accum_iter`` iterations, EMA update.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        self.cfg = cfg
+        self.opt = opt = _options(cfg.get("train", {}))
+        self.rank, self.world = comm.get_rank(), comm.get_world_size()
+        self.device = _device(opt["device"])
+        torch.manual_seed(opt["seed"] + self.rank)
+        self.out_dir = opt["output_dir"]
+        os.makedirs(self.out_dir, exist_ok=True)
+
+        self.accum = int(opt["accum_iter"])
+        self.per_device, rest = divmod(int(opt["batch_size"]), self.world * self.accum)
+        if rest or self.per_device < 1:
+            raise ValueError(
+                f"train.batch_size={opt['batch_size']} is not divisible into {self.world} "
+                f"processes x {self.accum} accumulation steps"
+            )
+        self.lr = opt["blr"] * opt["batch_size"] / 256
+        self.model = _build(cfg).to(self.device)
+        if opt["init_checkpoint"]:
+            self._init_from(opt["init_checkpoint"])
+        self._build_data()
+        self.optimizer = torch.optim.AdamW(
+            pretrain_param_groups(self.model, opt["weight_decay"]),
+            lr=self.lr,
+            betas=tuple(opt["betas"]),
+        )
+        self.use_amp = bool(opt["amp"]) and self.device.type == "cuda"
+        self.amp_dtype = getattr(torch, opt["amp_dtype"])
+        fp16 = self.use_amp and self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+
+        self.start_epoch = 0
+        resume = opt["resume_from"]
+        if not resume and opt["resume"]:
+            resume = find_last_checkpoint(self.out_dir)
+        if resume:
+            self.start_epoch = resume_pretraining(
+                resume, model=self.model, optimizer=self.optimizer, scaler=self.scaler
+            )
+        self.ddp = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.epochs = int(opt["epochs"])
+        self.iters = len(self.loader) // self.accum * self.accum
+        if self.iters == 0:
+            raise ValueError(
+                f"{len(self.dataset)} images give no full step of {self.per_device} x {self.accum}"
+            )
+        self.deadline = None
+        if opt["max_minutes"] is not None:
+            self.deadline = time.monotonic() + 60.0 * float(opt["max_minutes"])
+        self.nonfinite = 0
+
+    def _init_from(self, path: str) -> None:
+        result = self.model.load_state_dict(load_pretrain_checkpoint(path)["model"], strict=False)
+        logger.info(
+            "Initialised from %s: missing %s, unexpected %s",
+            path,
+            result.missing_keys,
+            result.unexpected_keys,
+        )
+
+    def _build_data(self) -> None:
+        opt = self.opt
+        if self.rank == 0:  # the others wait while rank 0 writes toy images if needed
+            resolve_data_path(opt["data_path"], self.out_dir)
+        comm.synchronize()
+        self.data_path = resolve_data_path(opt["data_path"], self.out_dir)
+        transform = build_pretrain_transform(opt["img_size"], opt["crop_scale"])
+        self.dataset = ImageFiles(self.data_path, transform)
+        self.loader = build_pretrain_loader(
+            self.dataset,
+            batch_size=self.per_device,
+            num_workers=opt["num_workers"],
+            world_size=self.world,
+            rank=self.rank,
+            seed=opt["seed"],
+            pin_memory=self.device.type == "cuda",
+        )
+
+    # ------------------------------------------------------------------ one iteration
+    def _set_lr(self, epoch_float: float) -> None:
+        lr = lr_at(
+            epoch_float,
+            lr=self.lr,
+            min_lr=self.opt["min_lr"],
+            warmup_epochs=self.opt["warmup_epochs"],
+            epochs=self.epochs,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _reduce(self, out: Dict[str, torch.Tensor]) -> Tuple[Dict[str, float], bool]:
+        """Process-mean of every ``loss*`` output, and whether any process ran out of time."""
+        names = sorted(k for k in out if k.startswith("loss"))
+        wants_stop = self.deadline is not None and time.monotonic() > self.deadline
+        values = [out[k].detach().float().reshape(()) for k in names]
+        values = torch.stack(values + [torch.tensor(float(wants_stop), device=self.device)])
+        if self.world > 1:
+            dist.all_reduce(values)
+            values /= self.world
+        values = values.tolist()
+        return dict(zip(names, values[:-1])), values[-1] > 0
+
+    def _skip_nonfinite(self, stats: Dict[str, float], epoch: int, it: int) -> None:
+        self.nonfinite += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        logger.warning(
+            "Non-finite loss %s at epoch %d iter %d: step skipped (%d in a row)",
+            stats,
+            epoch,
+            it,
+            self.nonfinite,
+        )
+        if self.nonfinite >= self.opt["max_nonfinite"]:
+            raise FloatingPointError(
+                f"{self.nonfinite} consecutive non-finite losses (last {stats}); lower the lr "
+                "or use train.amp_dtype='bfloat16'"
+            )
+
+    def _optimizer_step(self, progress: float) -> None:
+        if self.opt["clip_grad"] is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.opt["clip_grad"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_ema = getattr(self.model, "update_ema", None)
+        if update_ema is not None:
+            update_ema(progress)
+
+    def train_epoch(self, epoch: int, meter: "_Meter") -> bool:
+        """One epoch; returns True when the time budget stopped it early."""
+        if hasattr(self.loader.sampler, "set_epoch"):
+            self.loader.sampler.set_epoch(epoch)
+        self.ddp.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
+        stop = False
+        for i, (imgs, _) in enumerate(self.loader):
+            if i >= self.iters:
+                break
+            if i % self.accum == 0:
+                self._set_lr(epoch + i / self.iters)
+            step_now = (i + 1) % self.accum == 0
+            no_sync = self.world > 1 and not step_now
+            with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                    out = self.ddp(imgs.to(self.device, non_blocking=True))
+                stats, stop = self._reduce(out)
+                if not all(math.isfinite(v) for v in stats.values()):
+                    self._skip_nonfinite(stats, epoch, i)
+                    continue
+                self.nonfinite = 0
+                self.scaler.scale(out["loss"] / self.accum).backward()
+            if step_now:
+                self._optimizer_step((epoch * self.iters + i + 1) / (self.epochs * self.iters))
+            meter.add(dict(stats, lr=self.optimizer.param_groups[0]["lr"]))
+            if (i + 1) % self.opt["log_period"] == 0 or i + 1 == self.iters or stop:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                s = meter.flush()
+                if self.rank == 0:
+                    _log(s, epoch, self.epochs, i + 1, self.iters, metrics_path, self.device)
+            if stop:
+                break
+        return stop
+
+    def save(self, epoch: int) -> str:
+        path = os.path.join(self.out_dir, f"checkpoint-{epoch:04d}.pth")
+        if self.rank == 0:
+            model_cfg = self.cfg["model"]
+            if isinstance(model_cfg, nn.Module):
+                model_cfg = type(model_cfg).__name__
+            save_pretrain_checkpoint(
+                path,
+                model=self.model,
+                optimizer=self.optimizer,
+                epoch=epoch,
+                scaler=self.scaler,
+                args={"train": self.opt, "model": model_cfg},
+            )
+            logger.info("Saved %s", path)
+        comm.synchronize()
+        return path
+
+    def run(self) -> Optional[str]:
+        opt = self.opt
+        logger.info(
+            "Pretraining %s: %d images from %s, epochs %d-%d of %d x %d steps, %d images/step "
+            "(%d/process x %d processes x %d accumulation), lr %.3g, amp %s",
+            type(self.model).__name__,
+            len(self.dataset),
+            self.data_path,
+            self.start_epoch,
+            self.epochs - 1,
+            self.epochs,
+            self.iters // self.accum,
+            opt["batch_size"],
+            self.per_device,
+            self.world,
+            self.accum,
+            self.lr,
+            self.use_amp and opt["amp_dtype"],
+        )
+        remaining = (self.epochs - self.start_epoch) * self.iters
+        meter = _Meter(remaining, self.per_device * self.world)
+        last = find_last_checkpoint(self.out_dir) if self.start_epoch > 0 else None
+        for epoch in range(self.start_epoch, self.epochs):
+            stop = self.train_epoch(epoch, meter)
+            if (epoch + 1) % int(opt["checkpoint_period"]) == 0 or epoch + 1 == self.epochs or stop:
+                last = self.save(epoch)
+            if stop:
+                logger.info("Time budget of %s min reached in epoch %d", opt["max_minutes"], epoch)
+                break
+        return last
+
+
+def run_pretraining(cfg: Mapping[str, Any]) -> Optional[str]:
+    """Train as configured (see :data:`PRETRAIN_DEFAULTS` for ``cfg["train"]``); returns the
+    path of the last checkpoint written, on every process.
+
+    With ``max_minutes`` the run stops inside an epoch once the budget is spent and saves that
+    epoch as done (``epoch`` in the file), so ``--resume`` continues with the next one.
+    """
+    return PretrainRunner(cfg).run()
+
+
+def _log(s: Dict[str, float], epoch: int, epochs: int, it: int, iters: int, path: str, device):
+    losses = "  ".join(f"{k}: {v:.4f}" for k, v in s.items() if k.startswith("loss"))
+    mem = ""
+    if device.type == "cuda":
+        mem = f"  max_mem: {torch.cuda.max_memory_allocated(device) / 2**20:.0f}M"
+    logger.info(
+        "epoch: %d/%d  iter: %d/%d  %s  lr: %.3e  img/s: %.1f  eta: %s%s",
+        epoch,
+        epochs,
+        it,
+        iters,
+        losses,
+        s["lr"],
+        s["img_per_s"],
+        str(timedelta(seconds=int(s["eta_s"]))),
+        mem,
+    )
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(s, epoch=epoch, iter=it, step=epoch * iters + it)) + "\n")

@@ -1,0 +1,58 @@
+"""Which checkpoint ``--resume`` continues from: the newest complete one in the output folder.
+
+Checkpoints are renamed into place only once fully written, and ``last_checkpoint`` is updated
+right after. A kill between those two steps leaves a newer complete ``model_XXXXXXX.pth`` than
+the one ``last_checkpoint`` names (or no ``last_checkpoint`` at all); a folder copied without
+that file has the same problem. :func:`repair_last_checkpoint` points ``last_checkpoint`` at the
+newest complete checkpoint before resuming. Temporary files (``.tmp-*``) are never candidates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Optional
+
+__all__ = ["newest_checkpoint", "repair_last_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+_NUMBERED = re.compile(r"^model_(\d+)\.pth$")
+
+
+def _rank(name: str) -> Optional[float]:
+    if name == "model_final.pth":
+        return float("inf")
+    match = _NUMBERED.match(name)
+    return float(match.group(1)) if match else None
+
+
+def newest_checkpoint(save_dir: str) -> str:
+    """Basename of the newest ``model_final.pth`` / ``model_<iter>.pth`` in ``save_dir``, or ""."""
+    if not os.path.isdir(save_dir):
+        return ""
+    ranked = [(r, n) for n in os.listdir(save_dir) if (r := _rank(n)) is not None]
+    ranked = [(r, n) for r, n in ranked if os.path.getsize(os.path.join(save_dir, n)) > 0]
+    return max(ranked)[1] if ranked else ""
+
+
+def repair_last_checkpoint(checkpointer) -> str:
+    """Make ``checkpointer``'s ``last_checkpoint`` name the newest complete checkpoint of its
+    ``save_dir`` when it is missing, names a missing file, or names an older checkpoint.
+    Returns the basename it names afterwards ("" when there is no checkpoint)."""
+    save_dir = checkpointer.save_dir
+    tagged_path = checkpointer.get_checkpoint_file()
+    tagged = os.path.basename(tagged_path) if tagged_path else ""
+    newest = newest_checkpoint(save_dir)
+    if not newest:
+        return tagged if tagged and os.path.isfile(tagged_path) else ""
+    tagged_ok = bool(tagged) and os.path.isfile(tagged_path)
+    if tagged_ok and (_rank(tagged) is None or _rank(tagged) >= _rank(newest)):
+        return tagged
+    logger.warning(
+        f"{os.path.join(save_dir, 'last_checkpoint')} names {tagged or 'nothing'!r} but "
+        f"{newest!r} is the newest complete checkpoint (interrupted save?): resuming from it"
+    )
+    checkpointer.tag_last_checkpoint(newest)
+    return newest

@@ -1,0 +1,99 @@
+"""Optimizer and lr schedule of the segmentation recipe (yacs ``cfg.SOLVER``).
+
+AdamW with layer-wise lr decay over the ConvViT backbone (``get_convvit_lr_decay_rate``: patch
+embeddings / pos_embed / conv stages -> layer 0, ``blocks3.i`` -> i + 1, E4 adaptor and heads ->
+the top) and no weight decay on 1-D parameters (norms, biases, layer scale) nor on position and
+relative-position tables. Schedule "WarmupPolyLR": linear warm-up from ``WARMUP_FACTOR`` then
+``(1 - it / max_iter) ** POLY_LR_POWER`` (mmseg ``poly`` with ``min_lr`` 0).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+from detectron2.solver import LRMultiplier, WarmupParamScheduler
+from detectron2.solver import build_lr_scheduler as d2_build_lr_scheduler
+from detectron2.solver import build_optimizer as d2_build_optimizer
+from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
+
+from ..solver import get_convvit_lr_decay_rate, is_no_weight_decay
+
+__all__ = ["get_layer_decay_param_groups", "build_seg_optimizer", "build_seg_lr_scheduler"]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def get_layer_decay_param_groups(
+    model: nn.Module,
+    *,
+    base_lr: float,
+    weight_decay: float,
+    layer_decay: float,
+    num_layers: int,
+) -> List[Dict]:
+    """Parameter groups with ``lr = base_lr * scale`` and weight decay 0 where it does not apply.
+
+    Each group carries ``lr_scale`` and ``names`` (for logging and tests). Parameters with the
+    same (scale, decay) share a group.
+    """
+    groups: Dict[tuple, Dict] = {}
+    for name, p in _unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = get_convvit_lr_decay_rate(name, layer_decay, num_layers)
+        wd = 0.0 if is_no_weight_decay(name, p.ndim) else weight_decay
+        group = groups.setdefault(
+            (scale, wd),
+            {
+                "params": [],
+                "names": [],
+                "lr": base_lr * scale,
+                "weight_decay": wd,
+                "lr_scale": scale,
+            },
+        )
+        group["params"].append(p)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def _num_backbone_layers(model: nn.Module) -> int:
+    backbone = getattr(_unwrap(model), "backbone", None)
+    depths = getattr(backbone, "depths", None)
+    return int(depths[2]) if depths is not None else 11
+
+
+def build_seg_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    """``SOLVER.OPTIMIZER`` "AdamW" (layer decay, see module doc) or "SGD" (detectron2's)."""
+    s = cfg.SOLVER
+    name = s.OPTIMIZER.lower()
+    if name == "sgd":
+        return d2_build_optimizer(cfg, _unwrap(model))
+    if name != "adamw":
+        raise ValueError(f"SOLVER.OPTIMIZER={s.OPTIMIZER!r}; expected 'AdamW' or 'SGD'")
+    groups = get_layer_decay_param_groups(
+        model,
+        base_lr=s.BASE_LR,
+        weight_decay=s.WEIGHT_DECAY,
+        layer_decay=s.LAYER_DECAY,
+        num_layers=_num_backbone_layers(model),
+    )
+    for g in groups:
+        g.pop("names")
+    return torch.optim.AdamW(groups, lr=s.BASE_LR, betas=tuple(s.BETAS))
+
+
+def build_seg_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):
+    """ "WarmupPolyLR" (see module doc) or any detectron2 scheduler name."""
+    s = cfg.SOLVER
+    if s.LR_SCHEDULER_NAME != "WarmupPolyLR":
+        return d2_build_lr_scheduler(cfg, optimizer)
+    sched = PolynomialDecayParamScheduler(1.0, s.POLY_LR_POWER)
+    warmup = min(s.WARMUP_ITERS / max(s.MAX_ITER, 1), 1.0)
+    if warmup > 0:
+        sched = WarmupParamScheduler(sched, s.WARMUP_FACTOR, warmup, s.WARMUP_METHOD)
+    return LRMultiplier(optimizer, multiplier=sched, max_iter=s.MAX_ITER)

@@ -1,0 +1,136 @@
+"""Faults during training: a non-finite loss stops the run naming the iteration and the terms
+(or skips the batch without touching the weights), bad samples are named or skipped and counted,
+and --resume picks the newest complete checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from detectron2.engine import HookBase, SimpleTrainer
+
+from convmae_det.checkpoint import ConvMAECheckpointer
+from convmae_det.data.resumable_loader import BadSampleError, ResumableTrainLoader
+from convmae_det.engine.hooks import NonFiniteLossError, install_finite_loss_check
+from convmae_det.engine.resume import newest_checkpoint, repair_last_checkpoint
+
+
+class _Model(nn.Module):
+    """Two loss terms; ``loss_b`` becomes NaN for batches marked ``bad``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, batch):
+        a = (self.w**2).sum()
+        b = self.w.sum() * (float("nan") if batch[0]["bad"] else 1.0)
+        return {"loss_a": a, "loss_b": b}
+
+
+def _trainer(bad_at, mode):
+    model = _Model()
+    data = [[{"bad": i == bad_at}] for i in range(10)]
+    trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.1))
+    install_finite_loss_check(trainer, mode=mode, last_checkpoint=lambda: "out/model_0000001.pth")
+    return trainer, model
+
+
+def test_nonfinite_loss_stops_naming_iteration_terms_and_last_good_checkpoint():
+    trainer, model = _trainer(bad_at=2, mode="stop")
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.train(0, 5)
+    message = str(info.value)
+    assert "iteration 2" in message and "loss_b=nan" in message and "loss_a=" in message
+    assert "out/model_0000001.pth" in message
+    assert torch.isfinite(model.w).all()  # the bad gradients never reached the weights
+
+
+def test_nonfinite_loss_in_skip_mode_leaves_weights_unchanged_and_counts(caplog):
+    trainer, model = _trainer(bad_at=2, mode="skip")
+    weights = {}
+
+    class Record(HookBase):
+        def after_step(self):
+            weights[self.trainer.iter] = model.w.detach().clone()
+
+    trainer.register_hooks([Record()])
+    with caplog.at_level(logging.WARNING):
+        trainer.train(0, 4)
+    assert torch.equal(weights[2], weights[1]) and not torch.equal(weights[3], weights[2])
+    assert torch.isfinite(model.w).all()
+    assert "Non-finite loss at iteration 2" in caplog.text and "skipped (1/10)" in caplog.text
+    assert trainer.storage.history("nonfinite_skipped").latest() == 1
+
+
+def test_unknown_nonfinite_mode_is_refused():
+    model = _Model()
+    trainer = SimpleTrainer(model, [], torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="train.nonfinite_loss='ignore'"):
+        install_finite_loss_check(trainer, mode="ignore")
+
+
+class _Records:
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, i):
+        return {"file_name": f"images/{i}.jpg", "i": i}
+
+
+def _mapper(record):
+    if record["i"] == 3:
+        raise OSError("image file is truncated")
+    return record["i"]
+
+
+def test_bad_sample_error_names_the_file():
+    loader = ResumableTrainLoader(_Records(), mapper=_mapper, total_batch_size=5, seed=0)
+    with pytest.raises(BadSampleError, match=r"images/3\.jpg.*truncated"):
+        next(iter(loader))
+
+
+def test_skip_bad_samples_logs_counts_and_replaces_reproducibly(caplog):
+    def first_batch():
+        loader = ResumableTrainLoader(
+            _Records(), mapper=_mapper, total_batch_size=5, seed=0, skip_bad_samples=True
+        )
+        with caplog.at_level(logging.WARNING):
+            batch = next(iter(loader))
+        return batch, loader
+
+    batch, loader = first_batch()
+    assert len(batch) == 5 and 3 not in batch
+    assert loader.num_skipped >= 1 and loader.state_dict()["num_skipped"] == loader.num_skipped
+    assert "Skipped bad sample #1" in caplog.text and "images/3.jpg" in caplog.text
+    assert first_batch()[0] == batch  # the replacement is drawn from the seed
+
+
+def _touch(path, size=10):
+    with open(path, "wb") as f:
+        f.write(b"x" * size)
+
+
+def test_resume_picks_newest_complete_checkpoint_when_last_checkpoint_is_stale(tmp_path):
+    out = str(tmp_path)
+    for name in ("model_0000001.pth", "model_0000003.pth"):
+        _touch(os.path.join(out, name))
+    _touch(os.path.join(out, ".tmp-abc.pth"))  # an interrupted save: never a candidate
+    with open(os.path.join(out, "last_checkpoint"), "w") as f:
+        f.write("model_0000001.pth")  # killed between the rename and this update
+    checkpointer = ConvMAECheckpointer(nn.Linear(1, 1), out)
+    assert newest_checkpoint(out) == "model_0000003.pth"
+    assert repair_last_checkpoint(checkpointer) == "model_0000003.pth"
+    assert open(os.path.join(out, "last_checkpoint")).read() == "model_0000003.pth"
+
+
+def test_resume_without_last_checkpoint_file_uses_newest_and_empty_folder_means_none(tmp_path):
+    checkpointer = ConvMAECheckpointer(nn.Linear(1, 1), str(tmp_path))
+    assert repair_last_checkpoint(checkpointer) == ""
+    _touch(os.path.join(str(tmp_path), "model_0000004.pth"))
+    _touch(os.path.join(str(tmp_path), "model_0000010.pth"), size=0)  # empty: not complete
+    assert repair_last_checkpoint(checkpointer) == "model_0000004.pth"
+    assert checkpointer.has_checkpoint()

@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""Benchmark a ConvViT backbone, detector or pretraining model: ms/img, img/s, peak memory,
+FLOPs/img, TFLOP/s and MFU, as a JSON file and a one-line summary.
+
+Examples:
+    python tools/benchmark.py --preset toy --mode backbone_train --device cpu
+    python tools/benchmark.py --preset convvitdet_b --mode backbone_train --batch-size 4 \\
+        --dtype bf16 --channels-last --act-checkpoint 1,2,3 --output out.json
+    python tools/benchmark.py --config-file configs/COCO/mask_rcnn_convvitdet_b_25ep.py \\
+        --mode train --batch-size 4 --dtype bf16
+    python tools/benchmark.py --preset convvitdet_b --size 512 --compare-plain --device cpu
+    python tools/benchmark.py --table out/*.json     # markdown table of saved results
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import convmae_det  # noqa: E402,F401
+from convmae_det.benchmark import (  # noqa: E402
+    AB_MARKDOWN_HEADER,
+    BACKBONE_PRESETS,
+    MARKDOWN_HEADER,
+    MODES,
+    PRETRAIN_PRESETS,
+    BenchmarkConfig,
+    BenchmarkSetupError,
+    format_summary,
+    markdown_ab_row,
+    markdown_row,
+    run_ab,
+    run_benchmark,
+)
+from convmae_det.fast_paths import ATTN_CHOICES, DTYPES, FastPaths  # noqa: E402
+
+
+def _size(text: str):
+    parts = [int(v) for v in text.lower().replace("x", ",").split(",")]
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"--size {text!r}: expected N or HxW")
+    return tuple(parts)
+
+
+def _stages(text: str):
+    if text in ("", "none"):
+        return ()
+    return tuple(int(v) for v in text.split(","))
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config-file", help="LazyConfig .py or yacs .yaml of a model")
+    src.add_argument(
+        "--preset",
+        choices=sorted(BACKBONE_PRESETS) + list(PRETRAIN_PRESETS),
+        help="built-in backbone (or pretraining model, with --mode pretrain)",
+    )
+    src.add_argument(
+        "--table", nargs="+", metavar="JSON", help="print saved results as a markdown table"
+    )
+    p.add_argument("--mode", choices=MODES, default="backbone_train")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--size", type=_size, default=None, help="N or HxW (default: preset's, 1024)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="autocast dtype (default bf16 on CUDA, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--attn",
+        choices=ATTN_CHOICES,
+        default="auto",
+        help="stage-3 attention kernel; auto: SDPA except CPU training with rel-pos biases",
+    )
+    p.add_argument("--explicit-attn", action="store_const", const="explicit", dest="attn")
+    p.add_argument("--channels-last", action="store_true", help="NHWC convolutions")
+    p.add_argument(
+        "--act-checkpoint",
+        type=_stages,
+        default=(),
+        help="stages to recompute in backward, e.g. 3 or 1,2,3",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    p.add_argument("--warmup", type=int, default=None, help="default 10 on CUDA, 2 on CPU")
+    p.add_argument("--iters", type=int, default=None, help="default 50 on CUDA, 5 on CPU")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak for MFU (default: measured with a large matmul; 0: no MFU)",
+    )
+    p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    p.add_argument("--num-instances", type=int, default=8, help="synthetic objects per image")
+    p.add_argument("--mask-format", choices=("polygon", "bitmask"), default="polygon")
+    p.add_argument(
+        "--compare-plain",
+        action="store_true",
+        help="interleaved timing of these paths vs explicit attention, NCHW, "
+        "no checkpointing (same dtype)",
+    )
+    p.add_argument("--output", help="write the JSON result here")
+    p.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides: key=value (LazyConfig) or KEY VALUE (yacs)",
+    )
+    return p
+
+
+def main(argv=None) -> dict:
+    args = get_parser().parse_args(argv)
+    if args.table:
+        results = []
+        for path in args.table:
+            with open(path) as f:
+                results.append(json.load(f))
+        single = [r for r in results if "fast_paths" in r]
+        pairs = [r for r in results if "speedup" in r]
+        if single:
+            print(MARKDOWN_HEADER)
+            print("\n".join(markdown_row(r) for r in single))
+        if pairs:
+            print(("\n" if single else "") + AB_MARKDOWN_HEADER)
+            print("\n".join(markdown_ab_row(r) for r in pairs))
+        return {}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
+    paths = FastPaths(
+        attn=args.attn,
+        dtype=dtype,
+        channels_last=args.channels_last,
+        act_checkpoint=args.act_checkpoint,
+        compile=args.compile,
+    )
+    cfg = BenchmarkConfig(
+        config_file=args.config_file,
+        preset=args.preset,
+        opts=list(args.opts),
+        mode=args.mode,
+        batch_size=args.batch_size,
+        image_size=args.size,
+        device=args.device,
+        paths=paths,
+        warmup=args.warmup,
+        iters=args.iters,
+        peak_tflops=args.peak_tflops,
+        count_flops=not args.no_flops,
+        num_instances=args.num_instances,
+        mask_format=args.mask_format,
+    )
+    if args.compare_plain:
+        plain = FastPaths(attn="explicit", dtype=dtype)
+        result = run_ab(cfg, plain)
+        f, b = result["fast"]["ms_per_img_stats"], result["baseline"]["ms_per_img_stats"]
+        print(
+            f"{result['name']} {result['mode']} {dtype}: fast {f['median']:.1f} ms/img, "
+            f"plain {b['median']:.1f} ms/img, speedup {result['speedup']:.2f}x"
+            + (
+                f" (CPU time {result['cpu_time_speedup']:.2f}x)"
+                if result["cpu_time_speedup"] is not None
+                else ""
+            )
+        )
+    else:
+        result = run_benchmark(cfg)
+        print(format_summary(result))
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    from convmae_det.model_from_config import ConfigError
+
+    try:
+        main()
+    except (ConfigError, BenchmarkSetupError) as exc:
+        # settings the tool cannot run with: say which, without a traceback
+        sys.exit(f"benchmark: {exc}")

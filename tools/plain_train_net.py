@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Train or evaluate a convmae_det semantic segmenter (UperNet + ConvViT) from a yacs config.
+
+    python tools/plain_train_net.py --config-file configs/ADE20K/upernet_convmae_b_512_160k.yaml \
+        --num-gpus 8 MODEL.WEIGHTS convmae_base.pth
+    python tools/plain_train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model_final.pth
+    python tools/plain_train_net.py --config-file CFG --resume          # continue OUTPUT_DIR
+
+Flags are detectron2's (``--config-file --resume --eval-only --num-gpus --num-machines
+--machine-rank --dist-url`` + trailing ``KEY VALUE`` overrides). Without CUDA, ``--num-gpus N``
+starts N CPU processes that train together over gloo. ``MODEL.WEIGHTS`` may be any checkpoint
+format convmae_det reads (pretraining, official segmenter, our own).
+"""
+
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import convmae_det  # noqa: E402,F401  (applies compatibility fixes)
+import convmae_det.data  # noqa: E402,F401  (registers the datasets)
+from convmae_det.checkpoint import ConvMAECheckpointer  # noqa: E402
+from convmae_det.engine.seg_train_loop import do_seg_test, do_seg_train, get_seg_cfg  # noqa: E402
+from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+logger = logging.getLogger("convmae_det")
+
+
+def setup(args):
+    """Config from file and overrides, frozen; logging, seeding and the config dump."""
+    cfg = get_seg_cfg(args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    # our own loggers (checkpoint reports, ETA) write to the same log.txt
+    setup_logger(cfg.OUTPUT_DIR or None, distributed_rank=comm.get_rank(), name="convmae_det")
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    model = build_model(cfg)
+    logger.info(f"Model:\n{model}")
+    if args.eval_only:
+        ConvMAECheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return do_seg_test(cfg, model)
+    model = do_seg_train(cfg, model, resume=args.resume)
+    return do_seg_test(cfg, model)
+
+
+def invoke_main() -> None:
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()

@@ -1,0 +1,28 @@
+#!/usr/bin/env python
+"""Plot a training run's curves (losses, lr, AP / mIoU against the iteration) as PNGs.
+
+python tools/plot_metrics.py OUTPUT_DIR [--output DIR]
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="training output folder (metrics.json / metrics.jsonl) or file")
+    parser.add_argument("--output", default=None, help="where to write (default: RUN/plots)")
+    args = parser.parse_args(argv)
+    from convmae_det.visualization.curves import plot_metrics
+
+    folder = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
+    for path in plot_metrics(args.run, args.output or os.path.join(folder, "plots")):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

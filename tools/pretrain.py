@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""ConvMAE / FastConvMAE pretraining.
+
+    # toy demo on the CPU (generated images)
+    python tools/pretrain.py --config-file configs/pretrain/fastconvmae_toy.py
+    # ImageNet, 8 GPUs (detectron2 launch) or torchrun
+    python tools/pretrain.py --config-file configs/pretrain/fastconvmae_b_50ep.py --num-gpus 8 \
+        --data-path /data/imagenet/train
+    torchrun --nproc-per-node 8 tools/pretrain.py --config-file ... --data-path ...
+    # continue from output_dir/last_checkpoint
+    python tools/pretrain.py --config-file ... --resume
+
+Trailing ``key=value`` pairs override the config (``train.epochs=10 model.drop_path_rate=0.1``).
+Checkpoints are official-format ``checkpoint-XXXX.pth`` files in ``train.output_dir``.
+"""
+
+import os
+import sys
+
+import torch.distributed as dist
+from detectron2.config import LazyConfig
+from detectron2.engine import default_argument_parser, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+import convmae_det  # noqa: F401  (compatibility fixes)
+from convmae_det.engine.pretrain_loop import run_pretraining
+
+
+def _torchrun_setup() -> None:
+    """Join the process group that torchrun describes through its environment variables."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        return
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
+def main(args) -> str:
+    _torchrun_setup()
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    if args.data_path:
+        cfg.train.data_path = args.data_path
+    if args.output_dir:
+        cfg.train.output_dir = args.output_dir
+    if args.resume:
+        cfg.train.resume = True
+    os.makedirs(cfg.train.output_dir, exist_ok=True)
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="convmae_det")
+    logger = setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name=__name__)
+    logger.info("Command line: %s", " ".join(sys.argv))
+    if comm.is_main_process():
+        LazyConfig.save(cfg, os.path.join(cfg.train.output_dir, "config.yaml"))
+    path = run_pretraining(cfg)
+    logger.info("Last checkpoint: %s", path)
+    return path
+
+
+def parse_args(argv=None):
+    parser = default_argument_parser(epilog=__doc__)
+    parser.add_argument("--data-path", default=None, help="ImageFolder root or flat image folder")
+    parser.add_argument("--output-dir", default=None, help="overrides train.output_dir")
+    args = parser.parse_args(argv)
+    if not args.config_file:
+        parser.error("--config-file is required (e.g. configs/pretrain/fastconvmae_toy.py)")
+    if args.eval_only:
+        parser.error("--eval-only: pretraining has no evaluation step")
+    return args
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        main(args)  # torchrun started the processes
+    else:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
