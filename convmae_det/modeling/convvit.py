@@ -431,9 +431,19 @@ class ConvViT(nn.Module):
         b, h, w, c = x.shape
         return x + self.get_pos_embed((h, w)).reshape(1, h, w, c)
 
-    def forward_stage3(self, x: torch.Tensor) -> torch.Tensor:
-        """Stage-3 blocks on a (B, h, w, C) grid, or on (B, N, C) tokens when no block needs the
-        grid. Shared relative-position biases are built once here, not per block."""
+    def stage3_attention_biases(
+        self, x: torch.Tensor
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Additive attention biases shared by the stage-3 blocks, built once per forward.
+
+        Args:
+            x: the stage-3 input, a (B, h, w, C) grid or (B, N, C) tokens.
+        Returns:
+            (global_bias, window_bias): for the global blocks a tensor broadcastable to
+            (B, heads, h*w, h*w), for the windowed blocks one broadcastable to
+            (B * num_windows, heads, ws*ws, ws*ws); None where a block has no shared bias (per-block
+            tables are added inside the blocks). Subclasses extend this (e.g. with a padding mask).
+        """
         global_bias = window_bias = None
         if self.rel_pos == "shared":
             if x.dim() != 4:
@@ -442,11 +452,17 @@ class ConvViT(nn.Module):
             if self.window_block_indexes:
                 ws = (self.window_size, self.window_size)
                 window_bias = self.windowed_rel_pos_bias(ws).unsqueeze(0)
-            if torch.is_autocast_enabled(x.device.type):
-                # cast once here rather than in every block (the blocks cast to q.dtype)
-                dtype = torch.get_autocast_dtype(x.device.type)
-                global_bias = global_bias.to(dtype)
-                window_bias = window_bias.to(dtype) if window_bias is not None else None
+        return global_bias, window_bias
+
+    def forward_stage3(self, x: torch.Tensor) -> torch.Tensor:
+        """Stage-3 blocks on a (B, h, w, C) grid, or on (B, N, C) tokens when no block needs the
+        grid. The biases of :meth:`stage3_attention_biases` are built (and cast) once here."""
+        global_bias, window_bias = self.stage3_attention_biases(x)
+        if torch.is_autocast_enabled(x.device.type):
+            # cast once here rather than in every block (the blocks cast to q.dtype)
+            dtype = torch.get_autocast_dtype(x.device.type)
+            global_bias = global_bias.to(dtype) if global_bias is not None else None
+            window_bias = window_bias.to(dtype) if window_bias is not None else None
         for i, blk in enumerate(self.blocks3):
             bias = window_bias if i in self.window_block_indexes else global_bias
             if self.use_act_checkpoint and self.training and torch.is_grad_enabled():

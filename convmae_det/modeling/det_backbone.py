@@ -33,9 +33,7 @@ import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint as activation_checkpoint
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.vit import SimpleFeaturePyramid
@@ -180,29 +178,19 @@ class ConvViTDet(ConvViT, Backbone):
             for n in self._out_features
         }
 
-    def forward_stage3(self, x: torch.Tensor) -> torch.Tensor:
-        """Stage 3 on a (B, h, w, C) grid. Like :meth:`ConvViT.forward_stage3`, plus the padding
-        mask of partial windows when ``mask_window_padding`` is set."""
-        pad_bias = None
+    def stage3_attention_biases(
+        self, x: torch.Tensor
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The encoder's shared biases, plus the padding mask of partial windows when
+        ``mask_window_padding`` is set (added to the window bias)."""
+        global_bias, window_bias = super().stage3_attention_biases(x)
         if self.mask_window_padding and self.window_block_indexes and x.dim() == 4:
             pad_bias = window_padding_bias(
                 x.shape[0], tuple(x.shape[1:3]), self.window_size, device=x.device, dtype=x.dtype
             )
-        if pad_bias is None:
-            return super().forward_stage3(x)
-        global_bias = window_bias = None
-        if self.rel_pos == "shared":
-            global_bias = self.global_rel_pos_bias(tuple(x.shape[1:3])).unsqueeze(0)
-            ws = (self.window_size, self.window_size)
-            window_bias = self.windowed_rel_pos_bias(ws).unsqueeze(0)
-        window_bias = pad_bias if window_bias is None else window_bias.to(pad_bias.dtype) + pad_bias
-        for i, blk in enumerate(self.blocks3):
-            bias = window_bias if i in self.window_block_indexes else global_bias
-            if self.use_act_checkpoint and self.training and torch.is_grad_enabled():
-                x = activation_checkpoint.checkpoint(blk, x, bias, use_reentrant=False)
-            else:
-                x = blk(x, bias)
-        return x
+            if pad_bias is not None:
+                window_bias = pad_bias if window_bias is None else window_bias + pad_bias
+        return global_bias, window_bias
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """(B, 3, H, W) -> {name: (B, C, H'/s, W'/s)}, H', W' = H, W padded to size_divisibility."""
