@@ -1,14 +1,9 @@
 # Toy-sized paper detector: the structure of mask_rcnn_convvitdet_b_25ep (ConvViT with shared
-# window/global relative tables, e4 = maxpool(e3), FPN, 2-conv RPN, 4conv1fc box head, 4-conv
-# mask head) at a few percent of the width, trained from scratch on the toy shapes on a CPU.
-from detectron2.config import LazyCall as L
-from detectron2.solver import WarmupParamScheduler
-from fvcore.common.param_scheduler import CosineParamScheduler
-
+# window/global relative tables, e4 = maxpool(e3), FPN, Mask R-CNN heads) at a few percent of the
+# width, trained from scratch (or from the toy pretraining checkpoint) on the toy shapes on a CPU.
+# Schedule and heads: configs/common/toy_detector.py (1500 it x batch 4 = 7.5 toy epochs).
 from ..common.models.mask_rcnn_convvitdet import model
-from ..common.optim import AdamW as optimizer
-from ..common.toy_coco_loader import dataloader
-from ..common.train import train
+from ..common.toy_detector import dataloader, lr_multiplier, optimizer, train, use_toy_heads
 
 bottom_up = model.backbone.bottom_up
 bottom_up.embed_dims = (32, 64, 128)
@@ -20,41 +15,9 @@ bottom_up.window_block_indexes = [1]  # global at 0 and 2, like the first and la
 bottom_up.pos_embed_hw = (12, 12)  # the 192-px training grid
 bottom_up.rel_pos_hw = (12, 12)
 bottom_up.pos_embed_trainable = True  # from scratch: learn it (frozen in the paper recipe)
-model.backbone.out_channels = 48
 model.backbone.norm = ""
-model.backbone.square_pad = 0
-
-model.proposal_generator.anchor_generator.sizes = [[8], [16], [32], [64], [128]]
-model.proposal_generator.head.in_channels = 48
-model.proposal_generator.head.conv_dims = [-1]
-model.proposal_generator.batch_size_per_image = 128
-model.proposal_generator.pre_nms_topk = (600, 300)
-model.proposal_generator.post_nms_topk = (300, 100)  # (train, test)
-model.roi_heads.num_classes = 5
-model.roi_heads.batch_size_per_image = 128
-model.roi_heads.box_head.input_shape.channels = 48
-model.roi_heads.box_head.conv_dims = []
-model.roi_heads.box_head.fc_dims = [256, 256]
+use_toy_heads(model)
 model.roi_heads.box_head.conv_norm = ""
-model.roi_heads.box_predictor.input_shape.channels = 256
-model.roi_heads.box_predictor.test_topk_per_image = 50
-model.roi_heads.mask_head.input_shape.channels = 48
-model.roi_heads.mask_head.conv_dims = [48, 48, 48, 48, 48]
 model.roi_heads.mask_head.conv_norm = ""
 
 train.output_dir = "./output/toy/mask_rcnn_convvitdet_toy"
-train.device = "cpu"
-train.max_iter = 1500
-train.eval_period = 0
-train.log_period = 20
-train.checkpointer = dict(period=500, max_to_keep=2)
-train.seed = 0
-
-optimizer.lr = 2e-3
-optimizer.weight_decay = 0.05
-
-lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(CosineParamScheduler)(start_value=1.0, end_value=0.0),
-    warmup_length=0.05,
-    warmup_factor=0.001,
-)
