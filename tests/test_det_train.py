@@ -129,22 +129,24 @@ def test_overrides_may_set_constructor_arguments_and_explicit_new_keys():
     assert cfg.train.note == "hello" and cfg.train.max_iter == 7
 
 
+WRONG_TYPE_OVERRIDES = [
+    ("train.max_iter=abc", "train.max_iter", "expects int (now 1500), got str 'abc'"),
+    ("optimizer.lr=fast", "optimizer.lr", "expects float (now 0.002), got str 'fast'"),
+    ("train.amp.enabled=maybe", "train.amp.enabled", "expects bool (now False), got str"),
+    ("train.amp.enabled=1", "train.amp.enabled", "expects bool (now False), got int 1"),
+    ("dataloader.train.total_batch_size=2.5", "dataloader.train.total_batch_size",
+     "expects int (now 4), got float 2.5"),
+    ("train.max_iter=null", "train.max_iter", "expects int (now 1500), got NoneType None"),
+    ("train.init_checkpoint=123", "train.init_checkpoint",
+     "expects str (now ''), got int 123 (write train.init_checkpoint='123' for a string)"),
+    ("model.pixel_mean=3", "model.pixel_mean", "expects list (now [123.675, "),
+    ("train.checkpointer=5", "train.checkpointer", "expects dict (now {'period': "),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "override, key, expected",
-    [
-        ("train.max_iter=abc", "train.max_iter", "expects int (now 1500), got str 'abc'"),
-        ("optimizer.lr=fast", "optimizer.lr", "expects float (now 0.002), got str 'fast'"),
-        ("train.amp.enabled=maybe", "train.amp.enabled", "expects bool (now False), got str"),
-        ("train.amp.enabled=1", "train.amp.enabled", "expects bool (now False), got int 1"),
-        ("dataloader.train.total_batch_size=2.5", "dataloader.train.total_batch_size",
-         "expects int (now 4), got float 2.5"),
-        ("train.max_iter=null", "train.max_iter", "expects int (now 1500), got NoneType None"),
-        ("train.init_checkpoint=123", "train.init_checkpoint",
-         "expects str (now ''), got int 123 (write train.init_checkpoint='123' for a string)"),
-        ("model.pixel_mean=3", "model.pixel_mean", "expects list (now [123.675, "),
-        ("train.checkpointer=5", "train.checkpointer", "expects dict (now {'period': "),
-    ],
-)  # fmt: skip
+    "override, key, expected", WRONG_TYPE_OVERRIDES, ids=[o for o, _, _ in WRONG_TYPE_OVERRIDES]
+)
 def test_override_of_the_wrong_type_is_refused_naming_key_value_and_type(override, key, expected):
     with pytest.raises(OverrideTypeError) as info:
         load_lazy_config(PAPER_TOY, ["train.max_iter=5", override])

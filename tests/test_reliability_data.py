@@ -84,8 +84,8 @@ def coco_dataset(tmp_path):
         annos = [
             {**a, "image_id": ids[f]} for f, items in (annotations or {}).items() for a in items
         ]
-        coco = {"images": entries, "annotations": annos,
-                "categories": [{"id": 1, "name": "square"}, {"id": 2, "name": "other"}]}  # fmt: skip
+        categories = [{"id": 1, "name": "square"}, {"id": 2, "name": "other"}]
+        coco = {"images": entries, "annotations": annos, "categories": categories}
         json_file = str(root / "instances.json")
         with open(json_file, "w") as f:
             json.dump(coco, f)
@@ -180,7 +180,7 @@ def test_instances_without_a_usable_mask_are_dropped_whole_and_named(coco_datase
     assert batch["c.png"]["instances"].gt_classes.tolist() == [1]
 
 
-def test_instance_check_keeps_valid_parts_crowds_and_box_only_sets_and_names_positions():
+def test_instance_check_keeps_valid_parts_crowds_rle_and_box_only_training_sets():
     nan_polygon = [0.0, 0.0, 10.0, math.nan, 20.0, 0.0]
     annos = [
         {"category_id": 0, "bbox": [0, 0, 9, 9], "segmentation": [[0, 0, 9, 0, 9, 9]]},
@@ -207,9 +207,11 @@ def test_instance_check_keeps_valid_parts_crowds_and_box_only_sets_and_names_pos
 
 
 def test_instance_check_names_file_and_position_when_annotations_have_no_id(caplog):
-    records = [{"file_name": "x.jpg", "annotations": [
+    annos = [
         {"category_id": 0, "bbox": [0, 0, 9, 9], "segmentation": [[0, 0, 9, 0, 9, 9]]},
-        {"category_id": 3, "bbox": [1, 2, 3, 4], "segmentation": [[0, 0, 1, 1, 2, 2]]}]}]  # fmt: skip
+        {"category_id": 3, "bbox": [1, 2, 3, 4], "segmentation": [[0, 0, 1, 1, 2, 2]]},
+    ]
+    records = [{"file_name": "x.jpg", "annotations": annos}]
     with caplog.at_level(logging.WARNING):
         drop_invalid_instances(records)
     assert "'x.jpg' annotation #1 of the image (category 3, bbox [1, 2, 3, 4]): zero area" in (

@@ -71,8 +71,9 @@ def _check_instance(anno: Dict[str, Any]) -> tuple:
 
 def _describe(record: Dict[str, Any], index: int, anno: Dict[str, Any], reason: str) -> str:
     which = f"id {anno['id']}" if "id" in anno else f"#{index} of the image"
+    image = record.get("file_name", record.get("image_id"))
     extra = f"category {anno.get('category_id')}, bbox {anno.get('bbox')}"
-    return f"{record.get('file_name', record.get('image_id'))!r} annotation {which} ({extra}): {reason}"
+    return f"{image!r} annotation {which} ({extra}): {reason}"
 
 
 def drop_invalid_instances(
