@@ -10,17 +10,20 @@ import sys
 
 import pytest
 import torch
-from detectron2.config import instantiate
+from detectron2.config import LazyCall, instantiate
 from detectron2.data import DatasetCatalog
 from detectron2.engine import SimpleTrainer
+from omegaconf import OmegaConf
 
 import convmae_det.data  # noqa: F401
 from convmae_det.checkpoint import CheckpointError
 from convmae_det.data.datasets.toy_coco import register_toy_coco
 from convmae_det.engine import (
     MixedPrecisionTrainer,
+    OverrideTypeError,
     build_trainer,
     check_datasets,
+    check_override_types,
     dataset_names_in_config,
     lazy_eval_only,
     load_lazy_config,
@@ -126,6 +129,61 @@ def test_overrides_may_set_constructor_arguments_and_explicit_new_keys():
     assert cfg.train.note == "hello" and cfg.train.max_iter == 7
 
 
+WRONG_TYPE_OVERRIDES = [
+    ("train.max_iter=abc", "train.max_iter", "expects int (now 1500), got str 'abc'"),
+    ("optimizer.lr=fast", "optimizer.lr", "expects float (now 0.002), got str 'fast'"),
+    ("train.amp.enabled=maybe", "train.amp.enabled", "expects bool (now False), got str"),
+    ("train.amp.enabled=1", "train.amp.enabled", "expects bool (now False), got int 1"),
+    ("dataloader.train.total_batch_size=2.5", "dataloader.train.total_batch_size",
+     "expects int (now 4), got float 2.5"),
+    ("train.max_iter=null", "train.max_iter", "expects int (now 1500), got NoneType None"),
+    ("train.init_checkpoint=123", "train.init_checkpoint",
+     "expects str (now ''), got int 123 (write train.init_checkpoint='123' for a string)"),
+    ("model.pixel_mean=3", "model.pixel_mean", "expects list (now [123.675, "),
+    ("train.checkpointer=5", "train.checkpointer", "expects dict (now {'period': "),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "override, key, expected", WRONG_TYPE_OVERRIDES, ids=[o for o, _, _ in WRONG_TYPE_OVERRIDES]
+)
+def test_override_of_the_wrong_type_is_refused_naming_key_value_and_type(override, key, expected):
+    with pytest.raises(OverrideTypeError) as info:
+        load_lazy_config(PAPER_TOY, ["train.max_iter=5", override])
+    message = str(info.value)
+    assert f"wrong type in override '{override}'" in message and f"'{key}' {expected}" in message
+    assert "\n" not in message and isinstance(info.value, ValueError)
+
+
+def test_overrides_of_compatible_types_interpolations_and_additions_are_accepted():
+    cfg = load_lazy_config(
+        PAPER_TOY, ["optimizer.lr=1", "optimizer.weight_decay=0", "train.init_checkpoint=null",
+                    "train.init_checkpoint='123'", "dataloader.train.dataset.names=[a,b]",
+                    "train.eval_period=${train.max_iter}", "model.pixel_mean=[1,2,3]",
+                    "dataloader.train._target_=detectron2.data.build_detection_train_loader",
+                    "+train.note=5", "train.amp.enabled=true"],
+    )  # fmt: skip
+    assert cfg.optimizer.lr == 1 and cfg.train.init_checkpoint == "123"
+    assert list(cfg.dataloader.train.dataset.names) == ["a", "b"]
+    assert cfg.train.eval_period == cfg.train.max_iter and cfg.train.amp.enabled is True
+
+
+def _with_ratio(*, ratio: float = 4.0, depth: int = 2, path=None):
+    return ratio, depth, path
+
+
+def test_int_valued_key_takes_a_float_only_when_its_target_declares_a_float():
+    cfg = OmegaConf.create({"net": LazyCall(_with_ratio)(ratio=4, depth=2), "free": None})
+    check_override_types(cfg, ["net.ratio=2.5", "free=abc", "free=[1]", "net.path=3"])
+    with pytest.raises(OverrideTypeError, match=r"'net.depth' expects int \(now 2\), got float"):
+        check_override_types(cfg, ["net.depth=2.5"])
+
+
+def test_unparsable_override_is_a_one_line_error_naming_it():
+    with pytest.raises(ValueError, match=r"cannot parse override 'train.max_iter=\(1'"):
+        load_lazy_config(PAPER_TOY, ["train.max_iter=(1"])
+
+
 def test_missing_or_unregistered_dataset_is_named(tmp_path, monkeypatch):
     cfg = load_lazy_config(PAPER_TOY, ["dataloader.train.dataset.names=shapes_that_do_not_exist"])
     with pytest.raises(KeyError, match="shapes_that_do_not_exist.*dataloader.train.dataset.names"):
@@ -215,6 +273,15 @@ def test_tool_reports_a_bad_override_and_a_missing_dataset_without_a_traceback(d
     proc = run_tool(["--config-file", PAPER_TOY, "dataloader.test.dataset.names=no_such_set"],
                     data_root)  # fmt: skip
     assert proc.returncode == 2 and "dataset 'no_such_set'" in proc.stderr
+
+
+def test_tool_refuses_an_override_of_the_wrong_type_before_anything_runs(tmp_path):
+    out = str(tmp_path / "never")
+    proc = run_tool(["--config-file", PAPER_TOY, f"train.output_dir={out}", "train.max_iter=abc"],
+                    str(tmp_path))  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "'train.max_iter' expects int (now 1500), got str 'abc'" in proc.stderr
+    assert not os.path.exists(out) and os.listdir(str(tmp_path)) == []  # no data generated
 
 
 def test_detection_demo_function_returns_metrics_and_drawings(tmp_path, data_root):

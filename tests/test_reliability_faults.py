@@ -14,7 +14,12 @@ from detectron2.engine import HookBase, SimpleTrainer
 
 from convmae_det.checkpoint import ConvMAECheckpointer
 from convmae_det.data.resumable_loader import BadSampleError, ResumableTrainLoader
-from convmae_det.engine.hooks import NonFiniteLossError, install_finite_loss_check
+from convmae_det.engine import MixedPrecisionTrainer
+from convmae_det.engine.hooks import (
+    AMPOverflowCounter,
+    NonFiniteLossError,
+    install_finite_loss_check,
+)
 from convmae_det.engine.resume import newest_checkpoint, repair_last_checkpoint
 
 
@@ -71,6 +76,60 @@ def test_unknown_nonfinite_mode_is_refused():
     trainer = SimpleTrainer(model, [], torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="train.nonfinite_loss='ignore'"):
         install_finite_loss_check(trainer, mode="ignore")
+
+
+class _Linear(nn.Module):
+    """loss = sum(w . x): in fp16 the weight gradient is scale * x, which overflows (> 65504)
+    for x = 3 at the initial scales 2**16 and 2**15, and for x = 1e4 at any scale >= 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 1, bias=False)
+
+    def forward(self, x):
+        return {"loss": self.fc(x).sum()}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_amp_overflow_counter_counts_the_fp16_steps_the_scaler_skipped(device, caplog):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = _Linear().to(device)
+    data = [torch.full((1, 4), 1e4 if i == 5 else 3.0, device=device) for i in range(8)]
+    trainer = MixedPrecisionTrainer(model, data, torch.optim.SGD(model.parameters(), lr=1e-3),
+                                    precision=torch.float16, device_type=device)  # fmt: skip
+    counter = AMPOverflowCounter()
+    weights = {}
+
+    class Record(HookBase):
+        def after_step(self):
+            weights[self.trainer.iter] = model.fc.weight.detach().clone()
+
+    trainer.register_hooks([counter, Record()])
+    before = model.fc.weight.detach().clone()
+    with caplog.at_level(logging.INFO, logger="convmae_det.engine.hooks"):
+        trainer.train(0, 8)
+    assert counter.overflows == 3 and trainer.grad_scaler.get_scale() == 2.0**13
+    assert trainer.storage.history("amp_overflow_steps").values()[-1][0] == 3
+    for skipped, previous in ((0, before), (1, weights[0]), (5, weights[4])):
+        assert torch.equal(weights[skipped], previous)  # the step was skipped
+    for taken in (2, 3, 4, 6, 7):
+        assert not torch.equal(weights[taken], weights[taken - 1])
+    assert torch.isfinite(model.fc.weight).all()
+    assert "fp16 overflow at iteration 5: step skipped by scaler" in caplog.text
+    restored = AMPOverflowCounter()
+    restored.load_state_dict(counter.state_dict())
+    assert restored.overflows == 3
+
+
+def test_amp_overflow_counter_is_silent_without_an_enabled_scaler():
+    model = _Linear()
+    data = [torch.full((1, 4), 3.0)] * 2
+    trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=1e-3))
+    counter = AMPOverflowCounter()
+    trainer.register_hooks([counter])
+    trainer.train(0, 2)
+    assert counter.overflows == 0 and "amp_overflow_steps" not in trainer.storage.histories()
 
 
 class _Records:

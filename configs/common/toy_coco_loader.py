@@ -4,6 +4,7 @@ import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
+from convmae_det.data.detection_mapper import DetectionDatasetMapper
 from convmae_det.data.resumable_loader import build_resumable_train_loader
 
 image_size = 192
@@ -12,6 +13,8 @@ dataloader = model_zoo.get_config("common/data/coco.py").dataloader
 dataloader.train._target_ = build_resumable_train_loader
 dataloader.train.seed = -1  # < 0: random, kept in the checkpoint
 dataloader.train.skip_bad_samples = False
+# DatasetMapper that also maps images without instances (empty gt_masks for recompute_boxes)
+dataloader.train.mapper._target_ = DetectionDatasetMapper
 dataloader.train.dataset.names = "toy_coco_train"
 dataloader.train.mapper.augmentations = [
     L(T.RandomFlip)(horizontal=True),

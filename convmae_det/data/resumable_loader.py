@@ -22,6 +22,10 @@ With ``skip_bad_samples=True`` a sample whose reading or mapping fails (unreadab
 image, broken annotation) is logged with its file name, counted (``num_skipped``), and replaced
 by another image chosen from the same seed, so the run stays reproducible. Without it the error is
 raised with the file name.
+
+:func:`build_resumable_train_loader` also drops, once and with a warning naming the file and the
+annotation, the instances whose mask cannot be trained on (empty segmentation, degenerate
+polygons; :mod:`convmae_det.data.annotation_checks`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, IterableDataset
 
+from convmae_det.data.annotation_checks import drop_invalid_instances
 from convmae_det.engine.reproducibility import derive_seed, fork_rng, resolve_run_seed
 
 __all__ = ["BadSampleError", "ResumableTrainLoader", "build_resumable_train_loader"]
@@ -212,15 +217,21 @@ def build_resumable_train_loader(
     seed: Optional[int] = None,
     skip_bad_samples: bool = False,
     aspect_ratio_grouping: bool = False,
+    drop_invalid_masks: bool = True,
     **kwargs: Any,
 ) -> ResumableTrainLoader:
     """Drop-in for :func:`detectron2.data.build_detection_train_loader` in LazyConfigs (same
     ``dataset`` / ``mapper`` / ``total_batch_size`` / ``num_workers`` arguments) returning a
     :class:`ResumableTrainLoader`. ``aspect_ratio_grouping`` is accepted and ignored (batches
-    are consecutive samples); a custom ``sampler`` is refused."""
+    are consecutive samples); a custom ``sampler`` is refused. With ``drop_invalid_masks`` a
+    list of dataset dicts goes through :func:`drop_invalid_instances` first, unless the mapper
+    trains without masks (``use_instance_mask=False``)."""
     if kwargs.get("sampler") is not None:
         raise ValueError("build_resumable_train_loader draws its own indices; sampler must be None")
     del aspect_ratio_grouping
+    if drop_invalid_masks and isinstance(dataset, list):
+        with_masks = getattr(mapper, "use_instance_mask", True) is not False
+        dataset = drop_invalid_instances(dataset, with_masks=with_masks)
     return ResumableTrainLoader(
         dataset, mapper=mapper, total_batch_size=total_batch_size, num_workers=num_workers,
         seed=seed, skip_bad_samples=skip_bad_samples,

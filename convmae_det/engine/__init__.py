@@ -1,8 +1,10 @@
 """Training helpers shared by the tools: LazyConfig setup, AMP trainer, optimizer groups, loops."""
 
 from .config import (
+    OverrideTypeError,
     check_datasets,
     check_override_keys,
+    check_override_types,
     dataset_names_in_config,
     default_lazy_setup,
     load_lazy_config,
@@ -21,10 +23,12 @@ __all__ = [
     "AMP_DTYPES",
     "MixedPrecisionTrainer",
     "NORM_MODULE_TYPES",
+    "OverrideTypeError",
     "build_checkpointer",
     "build_trainer",
     "check_datasets",
     "check_override_keys",
+    "check_override_types",
     "count_parameters",
     "dataset_names_in_config",
     "default_lazy_setup",

@@ -5,6 +5,8 @@ detectron2's ``LazyConfig.apply_overrides`` silently *adds* a key that does not 
 unknown keys, naming the key and what exists there. A key may be new only if its parent is a
 ``LazyCall`` whose target accepts an argument of that name (``model.backbone.bottom_up.
 use_act_checkpoint=True``) or if it is written ``+key=value`` (hydra's explicit "add").
+:func:`check_override_types` refuses a value whose type differs from the value it replaces
+(``train.max_iter=abc``, ``train.amp.enabled=maybe``), so that it fails before anything runs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 __all__ = [
     "load_lazy_config",
     "check_override_keys",
+    "check_override_types",
+    "OverrideTypeError",
     "dataset_names_in_config",
     "check_datasets",
     "default_lazy_setup",
@@ -90,6 +94,93 @@ def check_override_keys(cfg: DictConfig, overrides: Sequence[str], source: str =
         )
 
 
+class OverrideTypeError(TypeError, ValueError):
+    """An override whose value has the wrong type; the message names key, value and type."""
+
+
+_TYPES = (("bool", bool), ("int", int), ("float", float), ("str", str),
+          ("list", (ListConfig, list, tuple)), ("dict", (DictConfig, dict)))  # fmt: skip
+
+
+def _expected_type(current: Any) -> Optional[str]:
+    """The type name an override of ``current`` must have; None (anything goes) for None or
+    an object such as a LazyCall target."""
+    return next((name for name, types in _TYPES if isinstance(current, types)), None)
+
+
+def _declared_float(cfg: DictConfig, key: str) -> bool:
+    """Whether the LazyCall target holding ``key`` declares it a float (``mlp_ratio=4``)."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
+    if not (isinstance(parent, DictConfig) and "_target_" in parent):
+        return False
+    try:
+        target = locate(parent._target_) if isinstance(parent._target_, str) else parent._target_
+        param = inspect.signature(target).parameters.get(leaf)
+    except Exception:
+        return False
+    return param is not None and (
+        isinstance(param.default, float) or "float" in str(param.annotation)
+    )
+
+
+_ACCEPTS = {"bool": bool, "int": int, "float": (int, float), "str": str, "list": list, "dict": dict}
+
+
+def _type_matches(expected: str, value: Any) -> bool:
+    if value is None:  # clearing a path, a list or a sub-config is allowed; not a number or bool
+        return expected not in ("bool", "int", "float")
+    if isinstance(value, str) and value.startswith("${"):
+        return True  # an interpolation, resolved later
+    if isinstance(value, bool) != (expected == "bool"):  # bool is an int to Python
+        return False
+    if expected == "str" and isinstance(value, list):  # dataset names: one str or a list
+        return all(isinstance(v, str) for v in value)
+    return isinstance(value, _ACCEPTS[expected])
+
+
+def _parse_overrides(overrides: Sequence[str]) -> list:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for item in overrides:
+        try:
+            parsed.append(parser.parse_overrides([item])[0])
+        except OverrideParseException as exc:
+            first = str(exc).splitlines()[1:2] or [""]
+            raise ValueError(f"cannot parse override {item!r}: {first[0]}") from None
+    return parsed
+
+
+def check_override_types(cfg: DictConfig, overrides: Sequence[str], source: str = "") -> None:
+    """Raise :class:`OverrideTypeError` for an override of an existing key whose value has
+    another type than the current one (an int is accepted for a float, any value for a key
+    that is None now; ``+key=`` additions and new constructor arguments are not checked)."""
+    for item, override in zip(overrides, _parse_overrides(overrides)):
+        if item.strip().startswith(("+", "~")):
+            continue
+        key, value = override.key_or_group, override.value()
+        current = OmegaConf.select(
+            cfg, key, default=None, throw_on_missing=False, throw_on_resolution_failure=False
+        )
+        expected = _expected_type(current)
+        if expected == "int" and isinstance(value, float) and _declared_float(cfg, key):
+            expected = "float"
+        if expected is None or _type_matches(expected, value):
+            continue
+        where = f" (config {source})" if source else ""
+        shown = str(current) if OmegaConf.is_config(current) else repr(current)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        scalar = isinstance(value, (bool, int, float))
+        hint = f" (write {key}='{value}' for a string)" if expected == "str" and scalar else ""
+        raise OverrideTypeError(
+            f"wrong type in override '{item}'{where}: '{key}' expects {expected} (now "
+            f"{shown}), got {type(value).__name__} {value!r}{hint}"
+        )
+
+
 def load_lazy_config(path: str, overrides: Optional[Sequence[str]] = None) -> DictConfig:
     """``LazyConfig.load(path)`` followed by checked ``key=value`` overrides."""
     if not os.path.isfile(path):
@@ -97,6 +188,7 @@ def load_lazy_config(path: str, overrides: Optional[Sequence[str]] = None) -> Di
     cfg = LazyConfig.load(path)
     overrides = list(overrides or [])
     check_override_keys(cfg, overrides, source=path)
+    check_override_types(cfg, overrides, source=path)
     return LazyConfig.apply_overrides(cfg, overrides)
 
 
