@@ -77,8 +77,10 @@ def test_training_writes_official_checkpoints_and_metrics(toy_dir, tmp_path):
     assert find_last_checkpoint(str(tmp_path)) == path
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert set(ckpt) == {"model", "optimizer", "epoch", "scaler", "args"}
+    assert set(ckpt) == {"model", "optimizer", "epoch", "scaler", "args", "train_state"}
     assert ckpt["epoch"] == 1 and isinstance(ckpt["args"], dict)
+    state = ckpt["train_state"]  # our resume extras, plain types
+    assert state["epoch_iter"] == state["iters_per_epoch"] == 2 and state["seed"] == 0
     assert ckpt["args"]["train"]["batch_size"] == 8
     assert ckpt["args"]["model"]["name"] == "fastconvmae_toy"
     model = build_pretrain_model("fastconvmae_toy")
@@ -119,14 +121,16 @@ def test_resume_restores_model_optimizer_scaler_and_epoch(tmp_path):
     assert torch.equal(fresh.blocks3[0].attn.qkv.weight, model.blocks3[0].attn.qkv.weight)
 
 
-def test_resumed_run_continues_with_the_next_epoch(toy_dir, tmp_path):
+def test_run_stopped_by_the_time_budget_resumes_inside_the_epoch(toy_dir, tmp_path):
     first = run_pretraining(_cfg(toy_dir, tmp_path, epochs=3, max_minutes=0))
-    assert first == str(tmp_path / "checkpoint-0000.pth")  # budget spent after one step
-    assert torch.load(first, weights_only=True)["epoch"] == 0
+    # budget spent after one step: a resume point one iteration into epoch 0
+    assert first == str(tmp_path / "checkpoint-0000-iter000001.pth")
+    ckpt = torch.load(first, weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["train_state"]["epoch_iter"] == 1
     last = run_pretraining(_cfg(toy_dir, tmp_path, epochs=3, resume=True))
     assert last == str(tmp_path / "checkpoint-0002.pth")
-    epochs = [json.loads(x)["epoch"] for x in open(tmp_path / "metrics.jsonl")]
-    assert epochs == [0, 1, 1, 2, 2]
+    steps = [(x["epoch"], x["iter"]) for x in map(json.loads, open(tmp_path / "metrics.jsonl"))]
+    assert steps == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)]
 
 
 class _NaNModel(nn.Module):

@@ -7,11 +7,16 @@
     python tools/pretrain.py --config-file configs/pretrain/fastconvmae_b_50ep.py --num-gpus 8 \
         --data-path /data/imagenet/train
     torchrun --nproc-per-node 8 tools/pretrain.py --config-file ... --data-path ...
-    # continue from output_dir/last_checkpoint
+    # continue exactly where the newest complete checkpoint of output_dir left off
     python tools/pretrain.py --config-file ... --resume
+    # resume points every 500 iterations (inside epochs), the newest 2 kept
+    python tools/pretrain.py --config-file ... train.checkpoint_period_iters=500
 
 Trailing ``key=value`` pairs override the config (``train.epochs=10 model.drop_path_rate=0.1``).
-Checkpoints are official-format ``checkpoint-XXXX.pth`` files in ``train.output_dir``.
+Checkpoints are official-format files in ``train.output_dir``: ``checkpoint-XXXX.pth`` after epoch
+XXXX, ``checkpoint-XXXX-iterYYYYYY.pth`` YYYYYY iterations into it (resume points). A resumed run
+repeats the uninterrupted one (same images, augmentation, masks and lr; the seeds are read back
+from the checkpoint).
 """
 
 import os

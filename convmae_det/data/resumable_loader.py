@@ -68,8 +68,10 @@ def _identity(batch: Any) -> Any:
 class _IterationStream(IterableDataset):
     """Yields ``(batch, skipped)`` for iterations ``start, start+1, ...`` of one rank."""
 
-    def __init__(self, dataset, mapper, *, seed, start_iter, total, rank, per_rank, skip_bad):
-        self.dataset, self.mapper = dataset, mapper
+    def __init__(
+        self, dataset, mapper, *, seed, start_iter, total, rank, per_rank, skip_bad, collate=None
+    ):
+        self.dataset, self.mapper, self.collate = dataset, mapper, collate
         self.seed, self.start_iter, self.total = seed, start_iter, total
         self.rank, self.per_rank, self.skip_bad = rank, per_rank, skip_bad
         self._perms: Dict[int, torch.Tensor] = {}
@@ -122,7 +124,7 @@ class _IterationStream(IterableDataset):
             data, bad = self.sample(position)
             batch.append(data)
             skipped.extend(bad)
-        return batch, skipped
+        return (batch if self.collate is None else self.collate(batch)), skipped
 
     def __iter__(self) -> Iterator[Tuple[List[Any], List[str]]]:
         info = torch.utils.data.get_worker_info()
@@ -143,6 +145,9 @@ class ResumableTrainLoader:
         num_workers: loader processes (0: load in the training process).
         seed: data seed; < 0 or None: a random seed shared by all processes.
         skip_bad_samples: log, count and replace samples that fail to load instead of raising.
+        collate_fn: optional function applied to each batch list where it is loaded (in the
+            worker), e.g. ``torch.stack`` for image tensors; None: batches are lists.
+        pin_memory: pin the loaded batches (tensors) for faster host-to-GPU copies.
     """
 
     def __init__(
@@ -154,6 +159,8 @@ class ResumableTrainLoader:
         num_workers: int = 0,
         seed: Optional[int] = None,
         skip_bad_samples: bool = False,
+        collate_fn: Optional[Callable[[List[Any]], Any]] = None,
+        pin_memory: bool = False,
     ):
         world = comm.get_world_size()
         if total_batch_size <= 0 or total_batch_size % world != 0:
@@ -170,6 +177,7 @@ class ResumableTrainLoader:
         self.per_rank = self.total_batch_size // world
         self.seed = resolve_run_seed(seed)
         self.skip_bad_samples = bool(skip_bad_samples)
+        self.collate_fn, self.pin_memory = collate_fn, bool(pin_memory)
         self.start_iter = 0
         self.num_skipped = 0
 
@@ -184,15 +192,15 @@ class ResumableTrainLoader:
         return _IterationStream(
             self.dataset, self.mapper, seed=self.seed, start_iter=self.start_iter,
             total=self.total_batch_size, rank=comm.get_rank(), per_rank=self.per_rank,
-            skip_bad=self.skip_bad_samples,
+            skip_bad=self.skip_bad_samples, collate=self.collate_fn,
         )  # fmt: skip
 
-    def __iter__(self) -> Iterator[List[Any]]:
+    def __iter__(self) -> Iterator[Any]:
         # its own generator: creating the iterator must not draw from torch's global one
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.start_iter))
         loader = DataLoader(
             self.stream(), batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-            generator=generator,
+            generator=generator, pin_memory=self.pin_memory,
         )  # fmt: skip
         for batch, skipped in loader:
             for message in skipped:

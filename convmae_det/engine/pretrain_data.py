@@ -4,6 +4,9 @@
   (``root/class/img.jpg``) and a flat folder work; labels are not needed for pretraining.
 * :func:`build_pretrain_transform`: RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip +
   ImageNet normalisation (torchvision ``transforms.v2``).
+* :func:`build_pretrain_loader`: a :class:`~convmae_det.data.resumable_loader.ResumableTrainLoader`
+  over the files: the batch of global iteration ``i`` (its images and their augmentation) is a
+  function of ``(seed, i)`` only, so a run resumed at ``i`` reads what the uninterrupted run read.
 * :func:`generate_toy_images`: small synthetic images (random shapes on textures) for CPU demos and
   tests when no real data is at hand.
 """
@@ -11,19 +14,24 @@
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torchvision.transforms.v2 as T
+from detectron2.utils import comm
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import Dataset
+
+from ..data.resumable_loader import ResumableTrainLoader
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFiles",
     "build_pretrain_transform",
     "build_pretrain_loader",
+    "iters_per_epoch",
+    "load_rgb",
     "generate_toy_images",
     "resolve_data_path",
 ]
@@ -31,6 +39,12 @@ __all__ = [
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """The image at ``path`` as an RGB PIL image (grey / palette / RGBA converted)."""
+    with Image.open(path) as img:
+        return img.convert("RGB")
 
 
 class ImageFiles(Dataset):
@@ -56,8 +70,7 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int):
-        with Image.open(self.files[index]) as img:
-            img = img.convert("RGB")
+        img = load_rgb(self.files[index])
         return (self.transform(img) if self.transform is not None else img), 0
 
 
@@ -84,41 +97,51 @@ def build_pretrain_transform(
     )
 
 
+class _LoadAndTransform:
+    """Mapper of the resumable loader: file path -> ``transform(image)`` (picklable for workers)."""
+
+    def __init__(self, transform: Optional[Callable]):
+        self.transform = transform
+
+    def __call__(self, path: str):
+        img = load_rgb(path)
+        return self.transform(img) if self.transform is not None else img
+
+
+def iters_per_epoch(num_images: int, global_batch: int) -> int:
+    """Iterations of one epoch: the full global batches (the last partial one dropped), at
+    least one (a toy dataset smaller than a batch repeats images inside the batch)."""
+    return max(num_images // global_batch, 1)
+
+
 def build_pretrain_loader(
-    dataset: Dataset,
+    dataset: ImageFiles,
     *,
     batch_size: int,
     num_workers: int,
-    world_size: int = 1,
-    rank: int = 0,
     seed: int = 0,
     pin_memory: bool = False,
-) -> DataLoader:
-    """Shuffled loader of ``batch_size`` images per process, dropping the last partial batch.
+) -> ResumableTrainLoader:
+    """Endless loader of ``(batch_size, 3, H, W)`` image batches for this process.
 
-    A dataset smaller than one global batch (toy data) is sampled with replacement so an epoch
-    still has one iteration per process.
+    Sample ``p`` of the stream (``p = i * global_batch + rank * batch_size + j`` for image ``j``
+    of this process at global iteration ``i``) is file ``perm[p % N]`` of a permutation seeded
+    by ``(seed, p // N)``, augmented with every generator seeded by ``(seed, p)`` (also in the
+    worker processes). Every image is read once per ``N`` samples; the images the last partial
+    batch of an epoch would drop open the next epoch. ``set_start_iter(i)`` before ``iter()``
+    starts at global iteration ``i``; the seed travels in ``state_dict()``.
     """
-    global_batch = batch_size * world_size
-    if len(dataset) >= global_batch:
-        if world_size > 1:
-            sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
-        else:
-            generator = torch.Generator().manual_seed(seed)
-            sampler = RandomSampler(dataset, generator=generator)
-    else:
-        generator = torch.Generator().manual_seed(seed + rank)
-        sampler = RandomSampler(
-            dataset, replacement=True, num_samples=batch_size, generator=generator
-        )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+    files = getattr(dataset, "files", None)
+    if files is None:
+        raise TypeError(f"build_pretrain_loader expects an ImageFiles dataset, got {dataset!r}")
+    return ResumableTrainLoader(
+        list(files),
+        mapper=_LoadAndTransform(dataset.transform),
+        total_batch_size=batch_size * comm.get_world_size(),
         num_workers=num_workers,
+        seed=seed,
+        collate_fn=torch.stack,
         pin_memory=pin_memory,
-        drop_last=True,
-        persistent_workers=num_workers > 0,
     )
 
 

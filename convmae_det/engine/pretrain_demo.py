@@ -59,7 +59,8 @@ def run_pretrain_demo(
     None) in this process, for at most ``minutes`` of wall time (or the configured epochs).
 
     Returns:
-        path of the last checkpoint (``output_dir/checkpoint-XXXX.pth``).
+        path of the last checkpoint (``output_dir/checkpoint-XXXX.pth``, or
+        ``checkpoint-XXXX-iterYYYYYY.pth`` when the time budget ended the run inside an epoch).
     """
     from detectron2.utils.logger import setup_logger
 

@@ -1,6 +1,8 @@
 """The pretraining loop (ConvMAE / FastConvMAE / MoR): epochs over an image folder, AdamW with a
 per-iteration warm-up + half-cycle cosine schedule, AMP with a non-finite-loss guard, DDP,
-gradient accumulation, EMA-target updates, official-format checkpoints, resume, images/s + ETA.
+gradient accumulation, EMA-target updates, official-format checkpoints, exact resume (also
+inside an epoch: the batch, augmentation and masks of iteration ``g`` depend only on the seeds
+and ``g``), images/s + ETA.
 
 Entry point: :func:`run_pretraining` with a config holding ``model`` (a module, or a LazyCall /
 dict that :func:`detectron2.config.instantiate` builds) and ``train`` (keys of
@@ -17,17 +19,19 @@ import math
 import os
 import time
 from datetime import timedelta
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from detectron2.utils import comm
 
-from .pretrain_checkpoint import find_last_checkpoint, load_pretrain_checkpoint
-from .pretrain_checkpoint import plain_args, resume_pretraining, save_pretrain_checkpoint
+from .pretrain_checkpoint import checkpoint_name, find_last_checkpoint, load_pretrain_checkpoint
+from .pretrain_checkpoint import plain_args, prune_iteration_checkpoints, restore_pretraining
+from .pretrain_checkpoint import save_pretrain_checkpoint
 from .pretrain_data import ImageFiles, build_pretrain_loader, build_pretrain_transform
-from .pretrain_data import resolve_data_path
+from .pretrain_data import iters_per_epoch, resolve_data_path
+from .reproducibility import derive_seed, resolve_run_seed, seed_everything
 
 __all__ = [
     "PRETRAIN_DEFAULTS",
@@ -57,13 +61,15 @@ PRETRAIN_DEFAULTS: Dict[str, Any] = dict(
     amp_dtype="float16",  # "float16" (with GradScaler, official) or "bfloat16"
     max_nonfinite=10,  # consecutive non-finite losses (skipped steps) before giving up
     num_workers=8,  # data loader workers per process
-    seed=0,
+    seed=0,  # data order, augmentation and masks (per iteration); < 0: random (kept on resume)
     device="auto",  # "auto" (cuda if available), "cpu", "cuda"
     log_period=20,  # iterations between log lines
     checkpoint_period=20,  # epochs between checkpoints (the last epoch is always saved)
+    checkpoint_period_iters=None,  # also a resume point every N iterations (inside epochs)
+    keep_iter_checkpoints=2,  # newest resume points kept (None: all); epoch files always kept
     max_minutes=None,  # stop (and save) once this much wall time has passed
     init_checkpoint=None,  # weights to start from (non-strict), e.g. an official release
-    resume=False,  # continue from output_dir/last_checkpoint if present
+    resume=False,  # continue from the newest checkpoint in output_dir (exactly) if present
     resume_from=None,  # or from this checkpoint file
 )
 
@@ -149,10 +155,15 @@ def _build(cfg: Mapping[str, Any]) -> nn.Module:
 class PretrainRunner:
     """Holds the model, data, optimizer and scaler of one pretraining run; :meth:`run` trains.
 
-    Steps of one iteration: lr from the schedule (once per optimizer step), forward under
-    autocast, one all-reduce of the loss values (the mean across processes, for the log and the
-    non-finite guard) and of the time-budget flag, backward (skipped on every process when any
-    loss is non-finite), optimizer + scaler step every ``accum_iter`` iterations, EMA update.
+    Steps of one iteration: the batch of global iteration ``g`` (a function of the data seed and
+    ``g``), every generator reseeded from ``(seed, rank, g)`` (random masks, drop-path), lr from
+    the schedule (once per optimizer step), forward under autocast, one all-reduce of the loss
+    values (the mean across processes, for the log and the non-finite guard) and of the
+    time-budget flag, backward (skipped on every process when any loss is non-finite),
+    optimizer + scaler step every ``accum_iter`` iterations, EMA update, and a checkpoint when
+    one is due (only after an optimizer step, so no accumulated gradient is lost).
+
+    Resuming therefore repeats the uninterrupted run exactly, also from inside an epoch.
     """
 
     def __init__(self, cfg: Mapping[str, Any]):
@@ -160,7 +171,8 @@ class PretrainRunner:
         self.opt = opt = _options(cfg.get("train", {}))
         self.rank, self.world = comm.get_rank(), comm.get_world_size()
         self.device = _device(opt["device"])
-        torch.manual_seed(opt["seed"] + self.rank)
+        self.seed = resolve_run_seed(opt["seed"])
+        torch.manual_seed(self.seed + self.rank)
         self.out_dir = opt["output_dir"]
         os.makedirs(self.out_dir, exist_ok=True)
 
@@ -171,11 +183,26 @@ class PretrainRunner:
                 f"train.batch_size={opt['batch_size']} is not divisible into {self.world} "
                 f"processes x {self.accum} accumulation steps"
             )
+        self.period_iters = opt["checkpoint_period_iters"]
+        if self.period_iters is not None and (
+            int(self.period_iters) < 1 or int(self.period_iters) % self.accum
+        ):
+            raise ValueError(
+                f"train.checkpoint_period_iters={self.period_iters}: expected None or a positive "
+                f"multiple of train.accum_iter={self.accum} (checkpoints follow optimizer steps)"
+            )
         self.lr = opt["blr"] * opt["batch_size"] / 256
         self.model = _build(cfg).to(self.device)
         if opt["init_checkpoint"]:
             self._init_from(opt["init_checkpoint"])
         self._build_data()
+        self.epochs = int(opt["epochs"])
+        self.iters = iters_per_epoch(len(self.dataset), self.per_device * self.world)
+        self.iters = self.iters // self.accum * self.accum
+        if self.iters == 0:
+            raise ValueError(
+                f"{len(self.dataset)} images give no full step of {self.per_device} x {self.accum}"
+            )
         self.optimizer = torch.optim.AdamW(
             pretrain_param_groups(self.model, opt["weight_decay"]),
             lr=self.lr,
@@ -186,28 +213,16 @@ class PretrainRunner:
         fp16 = self.use_amp and self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
 
-        self.start_epoch = 0
-        resume = opt["resume_from"]
-        if not resume and opt["resume"]:
-            resume = find_last_checkpoint(self.out_dir)
-        if resume:
-            self.start_epoch = resume_pretraining(
-                resume, model=self.model, optimizer=self.optimizer, scaler=self.scaler
-            )
+        self.nonfinite = 0
+        self.start_epoch, self.start_iter, self.resumed_from = 0, 0, None
+        self._resume()
         self.ddp = self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.epochs = int(opt["epochs"])
-        self.iters = len(self.loader) // self.accum * self.accum
-        if self.iters == 0:
-            raise ValueError(
-                f"{len(self.dataset)} images give no full step of {self.per_device} x {self.accum}"
-            )
         self.deadline = None
         if opt["max_minutes"] is not None:
             self.deadline = time.monotonic() + 60.0 * float(opt["max_minutes"])
-        self.nonfinite = 0
 
     def _init_from(self, path: str) -> None:
         result = self.model.load_state_dict(load_pretrain_checkpoint(path)["model"], strict=False)
@@ -217,6 +232,39 @@ class PretrainRunner:
             result.missing_keys,
             result.unexpected_keys,
         )
+
+    def _resume(self) -> None:
+        """Restore from ``resume_from`` or the newest complete checkpoint of ``output_dir``."""
+        path = self.opt["resume_from"]
+        if not path and self.opt["resume"]:
+            if self.rank == 0:  # a stale last_checkpoint (kill right after a rename) is repaired
+                find_last_checkpoint(self.out_dir, repair=True)
+            comm.synchronize()
+            path = find_last_checkpoint(self.out_dir)
+        if not path:
+            return
+        point = restore_pretraining(
+            path, model=self.model, optimizer=self.optimizer, scaler=self.scaler
+        )
+        state = point.train_state
+        if state:
+            if int(state["seed"]) != self.seed:
+                logger.info("Run seed %d from %s (config: %d)", state["seed"], path, self.seed)
+            self.seed = int(state["seed"])
+            self.loader.load_state_dict(state["loader"])
+            self.nonfinite = int(state.get("nonfinite", 0))
+            if int(state["iters_per_epoch"]) != self.iters:
+                logger.warning(
+                    "%s was written with %d iterations per epoch, this run has %d (other batch "
+                    "size, processes or data?): the resumed run will not repeat the original",
+                    path,
+                    state["iters_per_epoch"],
+                    self.iters,
+                )
+        self.start_epoch, self.start_iter = point.epoch, point.epoch_iter
+        if self.start_iter >= self.iters:
+            self.start_epoch, self.start_iter = self.start_epoch + 1, 0
+        self.resumed_from = path
 
     def _build_data(self) -> None:
         opt = self.opt
@@ -230,9 +278,7 @@ class PretrainRunner:
             self.dataset,
             batch_size=self.per_device,
             num_workers=opt["num_workers"],
-            world_size=self.world,
-            rank=self.rank,
-            seed=opt["seed"],
+            seed=self.seed,
             pin_memory=self.device.type == "cuda",
         )
 
@@ -287,17 +333,19 @@ class PretrainRunner:
         if update_ema is not None:
             update_ema(progress)
 
-    def train_epoch(self, epoch: int, meter: "_Meter") -> bool:
-        """One epoch; returns True when the time budget stopped it early."""
-        if hasattr(self.loader.sampler, "set_epoch"):
-            self.loader.sampler.set_epoch(epoch)
+    def train_epoch(
+        self, epoch: int, meter: "_Meter", batches: Iterator[torch.Tensor], first: int = 0
+    ) -> bool:
+        """Iterations ``first, ..., iters - 1`` of ``epoch``, reading ``batches`` (positioned at
+        global iteration ``epoch * iters + first``). Writes the checkpoints that fall due.
+        Returns True when the time budget stopped it early."""
         self.ddp.train()
         self.optimizer.zero_grad(set_to_none=True)
         metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
         stop = False
-        for i, (imgs, _) in enumerate(self.loader):
-            if i >= self.iters:
-                break
+        for i in range(first, self.iters):
+            imgs = next(batches)
+            seed_everything(derive_seed(self.seed, self.rank, epoch * self.iters + i))
             if i % self.accum == 0:
                 self._set_lr(epoch + i / self.iters)
             step_now = (i + 1) % self.accum == 0
@@ -305,31 +353,64 @@ class PretrainRunner:
             with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
                     out = self.ddp(imgs.to(self.device, non_blocking=True))
-                stats, stop = self._reduce(out)
-                if not all(math.isfinite(v) for v in stats.values()):
+                stats, out_of_time = self._reduce(out)
+                stop = stop or out_of_time
+                finite = all(math.isfinite(v) for v in stats.values())
+                if finite:
+                    self.nonfinite = 0
+                    self.scaler.scale(out["loss"] / self.accum).backward()
+                else:
                     self._skip_nonfinite(stats, epoch, i)
-                    continue
-                self.nonfinite = 0
-                self.scaler.scale(out["loss"] / self.accum).backward()
-            if step_now:
+            if step_now and finite:
                 self._optimizer_step((epoch * self.iters + i + 1) / (self.epochs * self.iters))
-            meter.add(dict(stats, lr=self.optimizer.param_groups[0]["lr"]))
-            if (i + 1) % self.opt["log_period"] == 0 or i + 1 == self.iters or stop:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                s = meter.flush()
-                if self.rank == 0:
-                    _log(s, epoch, self.epochs, i + 1, self.iters, metrics_path, self.device)
-            if stop:
-                break
+            if finite:
+                meter.add(dict(stats, lr=self.optimizer.param_groups[0]["lr"]))
+                if (i + 1) % self.opt["log_period"] == 0 or i + 1 == self.iters or stop:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    s = meter.flush()
+                    if self.rank == 0:
+                        _log(s, epoch, self.epochs, i + 1, self.iters, metrics_path, self.device)
+            if step_now:  # a consistent state: no gradient accumulated
+                self._checkpoint_if_due(epoch, i + 1, stop)
+                if stop:
+                    break
         return stop
 
-    def save(self, epoch: int) -> str:
-        path = os.path.join(self.out_dir, f"checkpoint-{epoch:04d}.pth")
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_if_due(self, epoch: int, done: int, stop: bool) -> None:
+        """After ``done`` iterations of ``epoch``: the epoch checkpoint every
+        ``checkpoint_period`` epochs and at the last one (or at a budget stop on the epoch's
+        end), else a resume point every ``checkpoint_period_iters`` iterations and at a budget
+        stop."""
+        end = done == self.iters
+        if end and (
+            (epoch + 1) % int(self.opt["checkpoint_period"]) == 0
+            or epoch + 1 == self.epochs
+            or stop
+        ):
+            self.last_checkpoint = self.save(epoch)
+        elif stop or (
+            self.period_iters is not None
+            and (epoch * self.iters + done) % int(self.period_iters) == 0
+        ):
+            self.last_checkpoint = self.save(epoch, done)
+
+    def save(self, epoch: int, epoch_iter: Optional[int] = None) -> str:
+        """Write ``checkpoint-EEEE.pth`` (``epoch`` done) or, with ``epoch_iter``,
+        ``checkpoint-EEEE-iterIIIIII.pth`` (that many iterations of ``epoch`` done)."""
+        path = os.path.join(self.out_dir, checkpoint_name(epoch, epoch_iter))
         if self.rank == 0:
             model_cfg = self.cfg["model"]
             if isinstance(model_cfg, nn.Module):
                 model_cfg = type(model_cfg).__name__
+            state = dict(
+                epoch_iter=self.iters if epoch_iter is None else int(epoch_iter),
+                iters_per_epoch=self.iters,
+                seed=self.seed,
+                loader=self.loader.state_dict(),
+                nonfinite=self.nonfinite,
+            )
             save_pretrain_checkpoint(
                 path,
                 model=self.model,
@@ -337,22 +418,26 @@ class PretrainRunner:
                 epoch=epoch,
                 scaler=self.scaler,
                 args={"train": self.opt, "model": model_cfg},
+                extra={"train_state": state},
             )
             logger.info("Saved %s", path)
+            for old in prune_iteration_checkpoints(self.out_dir, self.opt["keep_iter_checkpoints"]):
+                logger.info("Removed %s", old)
         comm.synchronize()
         return path
 
     def run(self) -> Optional[str]:
         opt = self.opt
         logger.info(
-            "Pretraining %s: %d images from %s, epochs %d-%d of %d x %d steps, %d images/step "
-            "(%d/process x %d processes x %d accumulation), lr %.3g, amp %s",
+            "Pretraining %s: %d images from %s, epoch %d iteration %d to epoch %d, %d steps per "
+            "epoch of %d images (%d/process x %d processes x %d accumulation), lr %.3g, amp %s, "
+            "seed %d",
             type(self.model).__name__,
             len(self.dataset),
             self.data_path,
             self.start_epoch,
+            self.start_iter,
             self.epochs - 1,
-            self.epochs,
             self.iters // self.accum,
             opt["batch_size"],
             self.per_device,
@@ -360,26 +445,32 @@ class PretrainRunner:
             self.accum,
             self.lr,
             self.use_amp and opt["amp_dtype"],
+            self.seed,
         )
-        remaining = (self.epochs - self.start_epoch) * self.iters
-        meter = _Meter(remaining, self.per_device * self.world)
-        last = find_last_checkpoint(self.out_dir) if self.start_epoch > 0 else None
-        for epoch in range(self.start_epoch, self.epochs):
-            stop = self.train_epoch(epoch, meter)
-            if (epoch + 1) % int(opt["checkpoint_period"]) == 0 or epoch + 1 == self.epochs or stop:
-                last = self.save(epoch)
-            if stop:
-                logger.info("Time budget of %s min reached in epoch %d", opt["max_minutes"], epoch)
-                break
-        return last
+        start = self.start_epoch * self.iters + self.start_iter
+        meter = _Meter(self.epochs * self.iters - start, self.per_device * self.world)
+        self.last_checkpoint = self.resumed_from
+        self.loader.set_start_iter(start)
+        batches = iter(self.loader)
+        try:
+            for epoch in range(self.start_epoch, self.epochs):
+                first = self.start_iter if epoch == self.start_epoch else 0
+                if self.train_epoch(epoch, meter, batches, first):
+                    logger.info(
+                        "Time budget of %s min reached in epoch %d", opt["max_minutes"], epoch
+                    )
+                    break
+        finally:
+            batches.close()  # stops the loader's worker processes
+        return self.last_checkpoint
 
 
 def run_pretraining(cfg: Mapping[str, Any]) -> Optional[str]:
     """Train as configured (see :data:`PRETRAIN_DEFAULTS` for ``cfg["train"]``); returns the
-    path of the last checkpoint written, on every process.
+    path of the last checkpoint written (or resumed from), on every process.
 
-    With ``max_minutes`` the run stops inside an epoch once the budget is spent and saves that
-    epoch as done (``epoch`` in the file), so ``--resume`` continues with the next one.
+    With ``max_minutes`` the run stops once the budget is spent (after the current optimizer
+    step) and saves where it is, so ``resume`` continues from that iteration.
     """
     return PretrainRunner(cfg).run()
 

@@ -58,7 +58,9 @@ def fork_rng(seed: int) -> Iterator[None]:
         np.random.get_state(),
         torch.get_rng_state(),
     )
-    seed_everything(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: no (lazy) CUDA seeding
     try:
         yield
     finally:

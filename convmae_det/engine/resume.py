@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Optional
+from typing import Any, Callable, Optional
 
 __all__ = ["newest_checkpoint", "repair_last_checkpoint"]
 
@@ -28,27 +28,34 @@ def _rank(name: str) -> Optional[float]:
     return float(match.group(1)) if match else None
 
 
-def newest_checkpoint(save_dir: str) -> str:
-    """Basename of the newest ``model_final.pth`` / ``model_<iter>.pth`` in ``save_dir``, or ""."""
+def newest_checkpoint(save_dir: str, rank: Callable[[str], Optional[Any]] = _rank) -> str:
+    """Basename of the newest ``model_final.pth`` / ``model_<iter>.pth`` in ``save_dir``, or "".
+
+    ``rank`` maps a file name to a sortable progress value (None: not a checkpoint); the default
+    knows detectron2's names, other trainers pass their own."""
     if not os.path.isdir(save_dir):
         return ""
-    ranked = [(r, n) for n in os.listdir(save_dir) if (r := _rank(n)) is not None]
+    ranked = [(r, n) for n in os.listdir(save_dir) if (r := rank(n)) is not None]
     ranked = [(r, n) for r, n in ranked if os.path.getsize(os.path.join(save_dir, n)) > 0]
     return max(ranked)[1] if ranked else ""
 
 
-def repair_last_checkpoint(checkpointer) -> str:
+def repair_last_checkpoint(checkpointer, rank: Callable[[str], Optional[Any]] = _rank) -> str:
     """Make ``checkpointer``'s ``last_checkpoint`` name the newest complete checkpoint of its
     ``save_dir`` when it is missing, names a missing file, or names an older checkpoint.
-    Returns the basename it names afterwards ("" when there is no checkpoint)."""
+    Returns the basename it names afterwards ("" when there is no checkpoint).
+
+    ``checkpointer`` needs ``save_dir``, ``get_checkpoint_file()`` and
+    ``tag_last_checkpoint(name)`` (detectron2's ``Checkpointer`` has them); ``rank`` as in
+    :func:`newest_checkpoint`."""
     save_dir = checkpointer.save_dir
     tagged_path = checkpointer.get_checkpoint_file()
     tagged = os.path.basename(tagged_path) if tagged_path else ""
-    newest = newest_checkpoint(save_dir)
+    newest = newest_checkpoint(save_dir, rank)
     if not newest:
         return tagged if tagged and os.path.isfile(tagged_path) else ""
     tagged_ok = bool(tagged) and os.path.isfile(tagged_path)
-    if tagged_ok and (_rank(tagged) is None or _rank(tagged) >= _rank(newest)):
+    if tagged_ok and (rank(tagged) is None or rank(tagged) >= rank(newest)):
         return tagged
     logger.warning(
         f"{os.path.join(save_dir, 'last_checkpoint')} names {tagged or 'nothing'!r} but "
