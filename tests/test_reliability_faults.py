@@ -17,6 +17,7 @@ from convmae_det.data.resumable_loader import BadSampleError, ResumableTrainLoad
 from convmae_det.engine import MixedPrecisionTrainer
 from convmae_det.engine.hooks import (
     AMPOverflowCounter,
+    FinishedRunCheckpointer,
     NonFiniteLossError,
     install_finite_loss_check,
 )
@@ -69,6 +70,21 @@ def test_nonfinite_loss_in_skip_mode_leaves_weights_unchanged_and_counts(caplog)
     assert torch.isfinite(model.w).all()
     assert "Non-finite loss at iteration 2" in caplog.text and "skipped (1/10)" in caplog.text
     assert trainer.storage.history("nonfinite_skipped").latest() == 1
+
+
+@pytest.mark.parametrize("bad_at", [4, None])
+def test_model_final_is_written_only_when_the_run_finished(tmp_path, bad_at):
+    trainer, model = _trainer(bad_at=bad_at, mode="stop")
+    checkpointer = ConvMAECheckpointer(model, save_dir=str(tmp_path))
+    trainer.register_hooks([FinishedRunCheckpointer(checkpointer, period=2, max_to_keep=None)])
+    if bad_at is None:
+        trainer.train(0, 5)
+        assert os.path.isfile(tmp_path / "model_final.pth")
+    else:  # fails at its last iteration: detectron2's hook would still write model_final.pth
+        with pytest.raises(NonFiniteLossError):
+            trainer.train(0, 5)
+        assert not os.path.exists(tmp_path / "model_final.pth")
+        assert os.path.isfile(tmp_path / "model_0000003.pth")
 
 
 def test_unknown_nonfinite_mode_is_refused():
