@@ -21,12 +21,10 @@ from typing import Callable, Dict, Mapping, Optional
 
 import torch
 from detectron2.engine import HookBase, SimpleTrainer
-from detectron2.engine.hooks import PeriodicCheckpointer
 from detectron2.utils.events import get_event_storage
 
 __all__ = [
     "AMPOverflowCounter",
-    "FinishedRunCheckpointer",
     "NonFiniteLossError",
     "install_finite_loss_check",
     "nonfinite_terms",
@@ -130,15 +128,3 @@ class AMPOverflowCounter(HookBase):
 
     def load_state_dict(self, state: dict) -> None:
         self.overflows = int(state.get("overflows", 0))
-
-
-class FinishedRunCheckpointer(PeriodicCheckpointer):
-    """detectron2's ``PeriodicCheckpointer`` hook, except that a run which failed (an exception at
-    its last iteration, e.g. a non-finite loss) is not saved as ``model_final``: detectron2's
-    ``after_train`` saves it whenever ``iter + 1 >= max_iter``, which is also true then. A finished
-    run has ``iter == max_iter`` in ``after_train``; its final checkpoint was already written by
-    :meth:`step` after the last iteration."""
-
-    def after_train(self) -> None:
-        if self.trainer.iter >= self.trainer.max_iter:
-            super().after_train()

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from ..checkpoint import ConvMAECheckpointer
 from .config import check_datasets, dataset_names_in_config
-from .hooks import AMPOverflowCounter, FinishedRunCheckpointer, install_finite_loss_check
+from .hooks import AMPOverflowCounter, install_finite_loss_check
 from .resume import repair_last_checkpoint
 from .reproducibility import IterationSeeder, enable_determinism, resolve_run_seed
 from .trainer import build_trainer, count_parameters, resolve_device
@@ -145,7 +145,7 @@ def lazy_train(
             AMPOverflowCounter(),
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            FinishedRunCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
             hooks.EvalHook(cfg.train.eval_period, evaluate),
             (
                 hooks.PeriodicWriter(
