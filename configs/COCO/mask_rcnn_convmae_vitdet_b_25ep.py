@@ -3,20 +3,17 @@
 # 25 ep = 184375 iters * 16 images/iter / 118000 images/ep
 from functools import partial
 
-from detectron2.config import LazyCall as L
-from detectron2.solver import WarmupParamScheduler
-from fvcore.common.param_scheduler import MultiStepParamScheduler
-
 from convmae_det.solver import get_convvit_lr_decay_rate
 
 from ..common.coco_loader_lsj import dataloader
 from ..common.models.mask_rcnn_convmae_vitdet import model
 from ..common.optim import AdamW as optimizer
 from ..common.train import train
+from ..common.vitdet_step_schedule import lr_multiplier, max_iter
 
 train.init_checkpoint = ""  # e.g. convmae_base.pth
 train.output_dir = "./output/mask_rcnn_convmae_vitdet_b_25ep"
-train.max_iter = 184375
+train.max_iter = max_iter
 train.amp.enabled = True
 train.ddp.fp16_compression = True
 train.checkpointer = dict(period=2500, max_to_keep=2)
@@ -28,14 +25,4 @@ optimizer.lr = 1e-4
 optimizer.weight_decay = 0.1
 optimizer.params.lr_factor_func = partial(
     get_convvit_lr_decay_rate, num_layers=11, lr_decay_rate=0.8
-)
-
-lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01],
-        milestones=[163889, 177546],
-        num_updates=train.max_iter,
-    ),
-    warmup_length=250 / train.max_iter,
-    warmup_factor=0.001,
 )
