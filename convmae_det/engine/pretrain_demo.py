@@ -16,7 +16,21 @@ from detectron2.config import LazyCall as L
 from ..modeling.pretrain import build_pretrain_model
 from .pretrain_loop import PRETRAIN_DEFAULTS, run_pretraining
 
-__all__ = ["run_pretrain_demo", "toy_pretrain_config"]
+__all__ = ["TOY_PRETRAIN_SETTINGS", "run_pretrain_demo", "toy_pretrain_config"]
+
+# The toy schedule (configs/pretrain/*_toy.py and the demo): 64x64 crops, batch 16,
+# lr = blr * 16 / 256 = 1e-3, 30 epochs with 2 of warm-up, fp32, data loaded in the main process.
+TOY_PRETRAIN_SETTINGS = dict(
+    img_size=64,
+    batch_size=16,
+    blr=1.6e-2,
+    epochs=30,
+    warmup_epochs=2,
+    amp=False,
+    num_workers=0,
+    log_period=4,
+    checkpoint_period=10,
+)
 
 
 def toy_pretrain_config(
@@ -29,19 +43,8 @@ def toy_pretrain_config(
 ) -> dict:
     """The config of ``configs/pretrain/fastconvmae_toy.py`` as a plain dict (no file needed)."""
     train = dict(PRETRAIN_DEFAULTS)
-    train.update(
-        output_dir=output_dir,
-        data_path=image_dir,
-        img_size=img_size,
-        batch_size=16,
-        blr=1.6e-2,  # lr 1e-3 at batch 16
-        epochs=30,
-        warmup_epochs=2,
-        amp=False,
-        num_workers=0,
-        log_period=4,
-        checkpoint_period=10,
-    )
+    train.update(TOY_PRETRAIN_SETTINGS, output_dir=output_dir, data_path=image_dir)
+    train["img_size"] = img_size
     train.update(train_overrides)
     return {"model": L(build_pretrain_model)(name=model_name, img_size=img_size), "train": train}
 
