@@ -139,4 +139,18 @@ def add_convmae_config(cfg: CN) -> CN:
     _c.SOLVER.LOG_PERIOD = 20
     # Mixed-precision dtype on CUDA ("bfloat16" or "float16"; float16 uses a GradScaler).
     _c.SOLVER.AMP.DTYPE = "bfloat16"
+    # Keep only the newest this many periodic checkpoints (model_final.pth is always kept);
+    # 0 keeps every one.
+    _c.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
+    # A NaN / Inf loss term: "stop" (NonFiniteLossError naming the iteration, the terms and the
+    # last good checkpoint) or "skip" (drop that batch's update, log and count it).
+    _c.SOLVER.NONFINITE_LOSS = "stop"
+    # "skip" mode stops after this many skipped batches.
+    _c.SOLVER.NONFINITE_MAX_SKIPS = 10
+
+    # ---------------------------------------------------------------- training data
+    # A training image / label that cannot be read or does not match: False raises an error
+    # naming the file; True logs it, counts it and replaces it by another image chosen from the
+    # seed (the run stays reproducible). Batch i is a function of (SEED, i) in both cases.
+    _c.DATALOADER.SKIP_BAD_SAMPLES = False
     return cfg

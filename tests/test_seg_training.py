@@ -89,6 +89,9 @@ def test_a_short_toy_training_lowers_the_loss_and_resumes_from_its_checkpoint(
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path))
 
     # resume from the iteration-14 checkpoint: optimizer, scheduler and iteration come back
+    # (as after a run stopped there: --resume continues from the newest complete checkpoint)
+    for newer in ("model_0000029.pth", "model_final.pth"):
+        (tmp_path / newer).unlink()
     (tmp_path / "last_checkpoint").write_text("model_0000014.pth")
     (tmp_path / "metrics.json").write_text("")
     model = build_model(cfg)

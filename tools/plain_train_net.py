@@ -9,7 +9,10 @@
 Flags are detectron2's (``--config-file --resume --eval-only --num-gpus --num-machines
 --machine-rank --dist-url`` + trailing ``KEY VALUE`` overrides). Without CUDA, ``--num-gpus N``
 starts N CPU processes that train together over gloo. ``MODEL.WEIGHTS`` may be any checkpoint
-format convmae_det reads (pretraining, official segmenter, our own).
+format convmae_det reads (pretraining, official segmenter, our own). An unknown key or a value of
+the wrong type in the overrides is refused with one line naming it (exit code 2). A run killed at
+any moment continues exactly with ``--resume`` (same ``SEED``: the weights of an uninterrupted
+run).
 """
 
 import logging
@@ -22,6 +25,7 @@ import convmae_det  # noqa: E402,F401  (applies compatibility fixes)
 import convmae_det.data  # noqa: E402,F401  (registers the datasets)
 from convmae_det.checkpoint import ConvMAECheckpointer  # noqa: E402
 from convmae_det.engine.seg_train_loop import do_seg_test, do_seg_train, get_seg_cfg  # noqa: E402
+from convmae_det.engine.yacs_overrides import ConfigOverrideError  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
@@ -53,9 +57,21 @@ def main(args):
     return do_seg_test(cfg, model)
 
 
+def preflight(args) -> None:
+    """Refuse a missing config file, an unknown key or a value of the wrong type in the
+    overrides with one line (``error: ...``, exit code 2) before any process is started."""
+    try:
+        get_seg_cfg(args.config_file, args.opts)
+    except (ConfigOverrideError, KeyError, FileNotFoundError) as exc:
+        message = exc.args[0] if exc.args else str(exc)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def invoke_main() -> None:
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
+    preflight(args)
     launch(
         main,
         args.num_gpus,

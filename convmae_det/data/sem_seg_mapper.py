@@ -5,8 +5,10 @@ crop of ``crop_size`` in which no class covers more than ``cat_max_ratio`` (10 t
 flip, photometric distortion, then padding to the crop size (image with the pixel mean, label
 with ignore). Test: shortest edge to ``min_size`` with the longest capped at ``max_size``.
 
+Images are read in ``INPUT.FORMAT`` (grayscale, palette and RGBA files converted to 3 channels).
 Label maps are read as stored (no palette conversion) and checked: a value outside
-``[0, num_classes)`` other than the ignore value raises an error naming the file.
+``[0, num_classes)`` other than the ignore value, a label of another size than its image, and an
+unreadable or truncated file raise an error naming the file.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "SemSegDatasetMapper",
     "RandomRatioResize",
     "PhotoMetricDistortion",
+    "read_image",
     "read_label",
     "check_label",
     "build_sem_seg_train_augmentation",
@@ -138,10 +141,24 @@ def build_sem_seg_train_augmentation(cfg) -> List[T.Augmentation]:
     return augs
 
 
+def read_image(path: str, image_format: str = "RGB") -> np.ndarray:
+    """(H, W, C) uint8 image in ``image_format`` (EXIF orientation applied). Grayscale, palette
+    and RGBA files are converted as PIL's ``convert("RGB")`` does (alpha dropped). An unreadable
+    or truncated file raises ``OSError`` naming it."""
+    try:
+        return utils.read_image(path, format=image_format)
+    except Exception as exc:
+        raise OSError(f"{path}: cannot read the image ({type(exc).__name__}: {exc})") from exc
+
+
 def read_label(path: str) -> np.ndarray:
-    """(H, W) label map exactly as stored (palette PNGs give their indices)."""
-    with PathManager.open(path, "rb") as f:
-        label = np.asarray(Image.open(f))
+    """(H, W) label map exactly as stored (palette PNGs give their indices). An unreadable or
+    truncated file raises ``OSError`` naming it."""
+    try:
+        with PathManager.open(path, "rb") as f:
+            label = np.asarray(Image.open(f))
+    except Exception as exc:
+        raise OSError(f"{path}: cannot read the label map ({type(exc).__name__}: {exc})") from exc
     if label.ndim != 2:
         raise ValueError(f"{path}: expected a single-channel label map, got shape {label.shape}")
     return label
@@ -225,7 +242,7 @@ class SemSegDatasetMapper:
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        image = read_image(dataset_dict["file_name"], self.image_format)
         utils.check_image_size(dataset_dict, image)
         label_path = dataset_dict.pop("sem_seg_file_name", None)
         label = None

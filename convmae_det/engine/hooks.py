@@ -11,6 +11,9 @@ process, so a NaN / Inf never reaches the weights:
 * ``mode="skip"``: log a warning, count it (``nonfinite_skipped`` in the metrics) and drop the
   gradients of that batch (no parameter changes; with an fp16 scaler, the scaler skips the
   step). After ``max_skips`` skipped batches the run stops as in "stop".
+
+The decision itself is :class:`FiniteLossGuard`, which loops without a ``SimpleTrainer`` (the
+segmentation loop) call directly.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from detectron2.utils.events import get_event_storage
 
 __all__ = [
     "AMPOverflowCounter",
+    "FiniteLossGuard",
     "NonFiniteLossError",
     "install_finite_loss_check",
     "nonfinite_terms",
@@ -49,6 +53,57 @@ def nonfinite_terms(loss_dict: Mapping[str, object]) -> Dict[str, float]:
     return {k: v for k, v in values.items() if not math.isfinite(v)}
 
 
+class FiniteLossGuard:
+    """The non-finite loss decision for any training loop (see the module docstring).
+
+    ``check(loss_dict, iteration)`` returns False for finite terms, True when the batch is to be
+    skipped ("skip" mode: logged, counted as ``nonfinite_skipped`` in the event storage), and
+    raises :class:`NonFiniteLossError` otherwise. The caller drops the skipped batch's update.
+
+    Args:
+        mode: "stop" or "skip".
+        max_skips: "skip" mode stops after this many skipped batches.
+        last_checkpoint: returns the path of the last saved checkpoint (for the message).
+        config_key: the config key of ``mode``, named in messages.
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: str = "stop",
+        max_skips: int = 10,
+        last_checkpoint: Optional[Callable[[], str]] = None,
+        config_key: str = "train.nonfinite_loss",
+    ):
+        if mode not in NONFINITE_MODES:
+            raise ValueError(f"{config_key}={mode!r}; expected one of {NONFINITE_MODES}")
+        self.mode, self.max_skips, self.config_key = mode, int(max_skips), config_key
+        self.last_checkpoint = last_checkpoint
+        self.skipped = 0
+
+    def check(self, loss_dict: Mapping[str, object], iteration: int) -> bool:
+        bad = nonfinite_terms(loss_dict)
+        if not bad:
+            return False
+        terms = ", ".join(f"{k}={v}" for k, v in bad.items())
+        every = ", ".join(f"{k}={_value(v):.4g}" for k, v in loss_dict.items())
+        if self.mode == "skip" and self.skipped < self.max_skips:
+            self.skipped += 1
+            logger.warning(
+                f"Non-finite loss at iteration {iteration} ({terms}); batch skipped "
+                f"({self.skipped}/{self.max_skips}), weights unchanged"
+            )
+            get_event_storage().put_scalar("nonfinite_skipped", self.skipped)
+            return True
+        ckpt = self.last_checkpoint() if self.last_checkpoint is not None else ""
+        where = f"last good checkpoint: {ckpt}" if ckpt else "no checkpoint saved yet"
+        raise NonFiniteLossError(
+            f"Non-finite loss at iteration {iteration}: {terms} (all terms: {every}). "
+            f"The weights were not updated with it; {where}. Resume with --resume, lower "
+            f"the learning rate, or set {self.config_key}=skip to skip such batches."
+        )
+
+
 def install_finite_loss_check(
     trainer: SimpleTrainer,
     *,
@@ -64,35 +119,15 @@ def install_finite_loss_check(
         max_skips: "skip" mode stops after this many skipped batches.
         last_checkpoint: returns the path of the last saved checkpoint (for the message).
     """
-    if mode not in NONFINITE_MODES:
-        raise ValueError(f"train.nonfinite_loss={mode!r}; expected one of {NONFINITE_MODES}")
+    guard = FiniteLossGuard(mode=mode, max_skips=max_skips, last_checkpoint=last_checkpoint)
     write_metrics = trainer._write_metrics  # bound method of the trainer's class
-    state = {"skipped": 0}
 
     def checked_write_metrics(loss_dict, data_time, prefix="", iter=None):
-        iteration = trainer.iter if iter is None else iter
-        bad = nonfinite_terms(loss_dict)
-        if bad:
-            terms = ", ".join(f"{k}={v}" for k, v in bad.items())
-            every = ", ".join(f"{k}={_value(v):.4g}" for k, v in loss_dict.items())
-            if mode == "skip" and state["skipped"] < max_skips:
-                state["skipped"] += 1
-                logger.warning(
-                    f"Non-finite loss at iteration {iteration} ({terms}); batch skipped "
-                    f"({state['skipped']}/{max_skips}), weights unchanged"
-                )
-                scaler = getattr(trainer, "grad_scaler", None)
-                if scaler is None or not scaler.is_enabled():
-                    trainer.optimizer.zero_grad(set_to_none=True)
-                get_event_storage().put_scalar("nonfinite_skipped", state["skipped"])
-                return None
-            ckpt = last_checkpoint() if last_checkpoint is not None else ""
-            where = f"last good checkpoint: {ckpt}" if ckpt else "no checkpoint saved yet"
-            raise NonFiniteLossError(
-                f"Non-finite loss at iteration {iteration}: {terms} (all terms: {every}). "
-                f"The weights were not updated with it; {where}. Resume with --resume, lower "
-                f"the learning rate, or set train.nonfinite_loss=skip to skip such batches."
-            )
+        if guard.check(loss_dict, trainer.iter if iter is None else iter):
+            scaler = getattr(trainer, "grad_scaler", None)
+            if scaler is None or not scaler.is_enabled():
+                trainer.optimizer.zero_grad(set_to_none=True)
+            return None
         return write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
 
     trainer._write_metrics = checked_write_metrics

@@ -108,8 +108,13 @@ class IterationSeeder(HookBase):
             self._loader.set_start_iter(self.trainer.start_iter)
         logger.info(f"Per-iteration seeding from run seed {self.seed}")
 
+    def seed_iteration(self, iteration: int) -> None:
+        """Seed every generator for ``iteration`` of this process (also for loops without a
+        detectron2 trainer, e.g. the segmentation loop)."""
+        seed_everything(derive_seed(self.seed, comm.get_rank(), iteration))
+
     def before_step(self) -> None:
-        seed_everything(derive_seed(self.seed, comm.get_rank(), self.trainer.iter))
+        self.seed_iteration(self.trainer.iter)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed}

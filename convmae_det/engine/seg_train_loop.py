@@ -1,10 +1,26 @@
 """The plain training / evaluation loop behind ``tools/plain_train_net.py`` (segmentation).
 
 In the spirit of detectron2's ``tools/plain_train_net.py``, with what our recipe needs kept here in
-the library: yacs setup with ``add_convmae_config`` (CPU fallback when CUDA is absent), our
-optimizer and poly schedule, :class:`ConvMAECheckpointer` for ``MODEL.WEIGHTS`` and resume,
-AMP on CUDA, DDP (NCCL or CPU gloo through ``launch``), periodic checkpoints and evaluation,
-metrics printed with an ETA and written to ``metrics.json`` and tensorboard.
+the library: yacs setup with ``add_convmae_config`` and checked overrides (CPU fallback when CUDA
+is absent), our optimizer and poly schedule, :class:`ConvMAECheckpointer` for ``MODEL.WEIGHTS``
+and resume, AMP on CUDA, DDP (NCCL or CPU gloo through ``launch``), periodic checkpoints and
+evaluation, metrics printed with an ETA and written to ``metrics.json`` and tensorboard.
+
+Reliability, as in the detection trainer (``docs/RELIABILITY.md``):
+
+* exact resume: iteration ``i`` reseeds every generator from ``(SEED, rank, i)``
+  (:class:`IterationSeeder`), and the training loader reads batch ``i`` as a function of
+  ``(SEED, i)`` only (:class:`ResumableTrainLoader`). Both seeds, the optimizer, the scheduler,
+  the scaler and the iteration are in every checkpoint (``SEED < 0``: a random seed, kept there
+  too), and ``--resume`` continues from the newest complete checkpoint (``repair_last_checkpoint``),
+  so a killed and resumed run ends with the weights of the uninterrupted one;
+* ``SOLVER.CHECKPOINT_MAX_TO_KEEP`` keeps the newest N periodic checkpoints;
+* a NaN / Inf loss term stops the run before the optimizer step (:class:`NonFiniteLossError`
+  naming the iteration, the terms and the last good checkpoint) or, with
+  ``SOLVER.NONFINITE_LOSS skip``, drops that batch's update (weights, optimizer and BatchNorm
+  statistics unchanged), logged and counted as ``nonfinite_skipped``; all processes decide alike;
+* ``DATALOADER.SKIP_BAD_SAMPLES``: an unreadable image or label is logged, counted
+  (``skipped_samples``) and replaced reproducibly instead of ending the run with the file named.
 """
 
 from __future__ import annotations
@@ -20,7 +36,7 @@ import torch
 import torch.nn as nn
 from detectron2.checkpoint import PeriodicCheckpointer
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.engine import create_ddp_model, default_writers
 from detectron2.evaluation import SemSegEvaluator, inference_on_dataset, print_csv_format
 from detectron2.evaluation.testing import flatten_results_dict
@@ -28,26 +44,36 @@ from detectron2.utils.events import EventStorage
 
 from ..checkpoint import ConvMAECheckpointer
 from ..config import add_convmae_config
+from ..data.resumable_loader import ResumableTrainLoader
 from ..data.sem_seg_mapper import SemSegDatasetMapper, check_num_classes
+from .hooks import FiniteLossGuard
+from .reproducibility import IterationSeeder, derive_seed, resolve_run_seed
+from .resume import repair_last_checkpoint
 from .seg_solver import build_seg_lr_scheduler, build_seg_optimizer
+from .yacs_overrides import merge_checked_overrides
 
-__all__ = ["get_seg_cfg", "do_seg_test", "do_seg_train", "AMP_DTYPES"]
+__all__ = ["get_seg_cfg", "build_seg_train_loader", "do_seg_test", "do_seg_train", "AMP_DTYPES"]
 
 logger = logging.getLogger("convmae_det")
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_DATA_SEED = 0x5E65  # domain separator: the loader's seed is derived from the run seed
 
 
 def get_seg_cfg(config_file: str = "", opts: Optional[List[str]] = None) -> CfgNode:
     """detectron2 defaults + ``add_convmae_config`` + ``config_file`` + ``opts`` (not frozen).
 
-    ``MODEL.DEVICE`` falls back to "cpu" when it asks for CUDA on a machine without it.
+    ``opts`` are checked first (:func:`merge_checked_overrides`: an unknown key or a value of the
+    wrong type raises ``ConfigOverrideError`` naming it). ``MODEL.DEVICE`` falls back to "cpu"
+    when it asks for CUDA on a machine without it.
     """
     cfg = get_cfg()
     add_convmae_config(cfg)
     if config_file:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"config file not found: {config_file}")
         cfg.merge_from_file(config_file)
     if opts:
-        cfg.merge_from_list(list(opts))
+        merge_checked_overrides(cfg, opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE=%s but CUDA is not available: using the CPU", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
@@ -95,13 +121,65 @@ def _clip_gradients(cfg: CfgNode, params: List[torch.Tensor]) -> None:
         torch.nn.utils.clip_grad_norm_(params, clip.CLIP_VALUE, clip.NORM_TYPE)
 
 
+def build_seg_train_loader(cfg: CfgNode, *, seed: Optional[int] = None) -> ResumableTrainLoader:
+    """The training loader of ``cfg.DATASETS.TRAIN``: per-process batches of
+    ``SOLVER.IMS_PER_BATCH / world size`` mapped dicts (:class:`SemSegDatasetMapper`), batch ``i``
+    a function of ``(seed, i)`` only (``seed`` < 0 or None: random, shared by all processes),
+    ``DATALOADER.NUM_WORKERS`` loader processes, ``DATALOADER.SKIP_BAD_SAMPLES``."""
+    dataset = get_detection_dataset_dicts(list(cfg.DATASETS.TRAIN), filter_empty=False)
+    return ResumableTrainLoader(
+        dataset,
+        mapper=SemSegDatasetMapper(cfg, True),
+        total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        seed=seed,
+        skip_bad_samples=cfg.DATALOADER.SKIP_BAD_SAMPLES,
+    )
+
+
+def _mean_over_processes(loss_dict: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Loss terms averaged over all processes, on every process (a NaN anywhere is seen by all,
+    so all take the same decision)."""
+    names = sorted(loss_dict)
+    values = torch.stack([loss_dict[k].detach().float() for k in names])
+    world = comm.get_world_size()
+    if world > 1:
+        torch.distributed.all_reduce(values)
+        values = values / world
+    return dict(zip(names, values.tolist()))
+
+
+def _norm_statistics(model: nn.Module) -> List[torch.Tensor]:
+    """The running statistics of the BatchNorm layers (what a forward pass changes)."""
+    return [
+        b
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase)
+        for b in m.buffers(recurse=False)
+    ]
+
+
+def _load_or_resume(checkpointer: ConvMAECheckpointer, weights: str, resume: bool) -> int:
+    """Load ``weights`` or, with ``resume``, the newest complete checkpoint with everything
+    needed to continue; returns the first iteration to run."""
+    if resume and comm.is_main_process():
+        repair_last_checkpoint(checkpointer)
+    comm.synchronize()
+    resuming = resume and checkpointer.has_checkpoint()
+    state = checkpointer.resume_or_load(weights, resume=resume)
+    start_iter = state.get("iteration", -1) + 1 if resuming else 0
+    if resuming:
+        logger.info(f"Resuming from {checkpointer.get_checkpoint_file()} at iteration {start_iter}")
+    return start_iter
+
+
 def do_seg_train(cfg: CfgNode, model: nn.Module, *, resume: bool = False) -> nn.Module:
     """Train ``model`` (not yet wrapped in DDP) for ``cfg.SOLVER.MAX_ITER`` iterations.
 
-    Loads ``MODEL.WEIGHTS`` (any supported format) or, with ``resume``, the last checkpoint in
-    ``OUTPUT_DIR`` with its optimizer, scheduler and iteration. Evaluates every
-    ``TEST.EVAL_PERIOD`` iterations and writes metrics every ``SOLVER.LOG_PERIOD``.
-    Returns the (possibly DDP-wrapped) model.
+    Loads ``MODEL.WEIGHTS`` (any supported format) or, with ``resume``, the newest complete
+    checkpoint in ``OUTPUT_DIR`` with its optimizer, scheduler, scaler, seeds and iteration (see
+    the module docstring). Evaluates every ``TEST.EVAL_PERIOD`` iterations and writes metrics
+    every ``SOLVER.LOG_PERIOD``. Returns the (possibly DDP-wrapped) model.
     """
     for name in cfg.DATASETS.TRAIN:
         check_num_classes(name, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
@@ -110,49 +188,70 @@ def do_seg_train(cfg: CfgNode, model: nn.Module, *, resume: bool = False) -> nn.
     optimizer = build_seg_optimizer(cfg, model)
     scheduler = build_seg_lr_scheduler(cfg, optimizer)
     amp, amp_dtype, scaler = _amp_settings(cfg, device)
+    seeder = IterationSeeder(resolve_run_seed(cfg.SEED))
+    loader = build_seg_train_loader(cfg, seed=derive_seed(seeder.seed, _DATA_SEED))
     extra = {"scaler": scaler} if scaler.is_enabled() else {}
     checkpointer = ConvMAECheckpointer(
-        model, cfg.OUTPUT_DIR, optimizer=optimizer, scheduler=scheduler, **extra
+        model, cfg.OUTPUT_DIR, optimizer=optimizer, scheduler=scheduler, seeder=seeder,
+        data_loader=loader, **extra,
+    )  # fmt: skip
+    guard = FiniteLossGuard(
+        mode=cfg.SOLVER.NONFINITE_LOSS,
+        max_skips=cfg.SOLVER.NONFINITE_MAX_SKIPS,
+        last_checkpoint=lambda: checkpointer.get_checkpoint_file() or "",
+        config_key="SOLVER.NONFINITE_LOSS",
     )
-    state = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
-    start_iter = state.get("iteration", -1) + 1
+    start_iter = _load_or_resume(checkpointer, cfg.MODEL.WEIGHTS, resume)
     max_iter = cfg.SOLVER.MAX_ITER
-    periodic = PeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=max_iter)
+    periodic = None
+    if comm.is_main_process():
+        periodic = PeriodicCheckpointer(
+            checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=max_iter,
+            max_to_keep=cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP or None,
+        )  # fmt: skip
     writers = default_writers(cfg.OUTPUT_DIR, max_iter) if comm.is_main_process() else []
+    norm_stats = _norm_statistics(model) if guard.mode == "skip" else []
     model = create_ddp_model(model, broadcast_buffers=False)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    loader = build_detection_train_loader(cfg, mapper=SemSegDatasetMapper(cfg, True))
+    loader.set_start_iter(start_iter)
     log_period = max(1, cfg.SOLVER.LOG_PERIOD)
-    logger.info(f"Starting training from iteration {start_iter} to {max_iter}")
+    logger.info(
+        f"Starting training from iteration {start_iter} to {max_iter} (run seed {seeder.seed}, "
+        f"data seed {loader.seed})"
+    )
     with EventStorage(start_iter) as storage:
         data_iter = iter(loader)
         for iteration in range(start_iter, max_iter):
             storage.iter = iteration
+            seeder.seed_iteration(iteration)
             t0 = time.perf_counter()
             data = next(data_iter)
             data_time = time.perf_counter() - t0
 
+            saved_stats = [b.clone() for b in norm_stats]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 loss_dict = model(data)
             losses = sum(loss_dict.values())
-            if not torch.isfinite(losses).all():
-                raise FloatingPointError(
-                    f"loss became non-finite at iteration {iteration}: "
-                    f"{ {k: float(v) for k, v in loss_dict.items()} }"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses).backward()
-            if cfg.SOLVER.CLIP_GRADIENTS.ENABLED:
-                scaler.unscale_(optimizer)
-                _clip_gradients(cfg, params)
-            scaler.step(optimizer)
-            scaler.update()
+            reduced = _mean_over_processes(loss_dict)
+            if guard.check(reduced, iteration):  # raises in "stop" mode
+                for buffer, saved in zip(norm_stats, saved_stats):
+                    buffer.copy_(saved)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(losses).backward()
+                if cfg.SOLVER.CLIP_GRADIENTS.ENABLED:
+                    scaler.unscale_(optimizer)
+                    _clip_gradients(cfg, params)
+                scaler.step(optimizer)
+                scaler.update()
+                if comm.is_main_process():
+                    storage.put_scalars(total_loss=sum(reduced.values()), **reduced)
 
-            reduced = {k: v.item() for k, v in comm.reduce_dict(loss_dict).items()}
             if comm.is_main_process():
-                storage.put_scalars(total_loss=sum(reduced.values()), **reduced)
                 storage.put_scalars(time=time.perf_counter() - t0, data_time=data_time)
+                if loader.skip_bad_samples:
+                    storage.put_scalar("skipped_samples", loader.num_skipped, smoothing_hint=False)
             group = optimizer.param_groups[0]
             storage.put_scalar("lr", group["lr"] / group.get("lr_scale", 1.0), smoothing_hint=False)
             scheduler.step()
@@ -173,7 +272,8 @@ def do_seg_train(cfg: CfgNode, model: nn.Module, *, resume: bool = False) -> nn.
             if (iteration + 1) % log_period == 0 or last:
                 for writer in writers:
                     writer.write()
-            periodic.step(iteration)
+            if periodic is not None:
+                periodic.step(iteration)
     for writer in writers:
         writer.close()
     return model
