@@ -4,11 +4,13 @@ and --resume picks the newest complete checkpoint."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn as nn
 from detectron2.engine import HookBase, SimpleTrainer, hooks
 
@@ -85,6 +87,54 @@ def test_model_final_is_written_only_when_the_run_finished(tmp_path, bad_at):
             trainer.train(0, 5)
         assert not os.path.exists(tmp_path / "model_final.pth")
         assert os.path.isfile(tmp_path / "model_0000003.pth")
+
+
+def _two_process_worker(rank, init_file, mode, out_dir):
+    """Rank 1 alone sees a NaN loss at iteration 2; DDP all-reduces the gradients."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )  # fmt: skip
+    try:
+        model = _Model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        data = [[{"bad": rank == 1 and i == 2}] for i in range(6)]
+        trainer = SimpleTrainer(ddp, data, torch.optim.SGD(ddp.parameters(), lr=0.1))
+        install_finite_loss_check(trainer, mode=mode)
+        weights = []
+        trainer.register_hooks(
+            [hooks.CallbackHook(after_step=lambda t: weights.append(model.w.detach().clone()))]
+        )
+        try:
+            trainer.train(0, 4)
+            outcome = "finished"
+        except NonFiniteLossError as e:
+            outcome = f"stopped at {e}"
+        torch.save({"outcome": outcome, "weights": weights}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nan_on_one_process_is_seen_by_all_processes(tmp_path, mode):
+    mp.spawn(
+        _two_process_worker, args=(str(tmp_path / "init"), mode, str(tmp_path)), nprocs=2,
+        join=True,
+    )  # fmt: skip
+    results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    for r in results:
+        assert all(torch.isfinite(w).all() for w in r["weights"])
+    if mode == "stop":  # both stop at iteration 2 (none hangs, none steps with NaN gradients)
+        assert all(
+            r["outcome"].startswith("stopped at Non-finite loss at iteration 2") for r in results
+        )
+        assert all(len(r["weights"]) == 2 for r in results)
+    else:  # both skip iteration 2 and finish with the same weights
+        assert all(r["outcome"] == "finished" and len(r["weights"]) == 4 for r in results)
+        for r in results:
+            assert torch.equal(r["weights"][2], r["weights"][1])
+        assert torch.equal(results[0]["weights"][-1], results[1]["weights"][-1])
 
 
 def test_unknown_nonfinite_mode_is_refused():

@@ -2,8 +2,9 @@
 and a counter of the fp16 steps the gradient scaler skipped.
 
 detectron2's ``SimpleTrainer`` writes the metrics (``_write_metrics``) after ``backward`` and
-before ``optimizer.step``; :func:`install_finite_loss_check` checks the loss terms there, on every
-process, so a NaN / Inf never reaches the weights:
+before ``optimizer.step``; :func:`install_finite_loss_check` checks the loss terms there (averaged
+over all processes, so every process takes the same decision), so that a NaN / Inf never reaches
+the weights:
 
 * ``mode="stop"``: raise :class:`NonFiniteLossError` (iteration, offending terms, all terms, the
   last good checkpoint). The periodic checkpointer saved nothing at that iteration, so
@@ -24,6 +25,7 @@ from typing import Callable, Dict, Mapping, Optional
 
 import torch
 from detectron2.engine import HookBase, SimpleTrainer
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "FiniteLossGuard",
     "NonFiniteLossError",
     "install_finite_loss_check",
+    "mean_over_processes",
     "nonfinite_terms",
 ]
 
@@ -51,6 +54,20 @@ def nonfinite_terms(loss_dict: Mapping[str, object]) -> Dict[str, float]:
     """The loss terms of ``loss_dict`` that are NaN or infinite, with their values."""
     values = {k: _value(v) for k, v in loss_dict.items()}
     return {k: v for k, v in values.items() if not math.isfinite(v)}
+
+
+def mean_over_processes(loss_dict: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+    """Loss terms averaged over all processes, on every process. A NaN / Inf on any process is
+    seen by all of them, so all take the same decision (with DDP the gradients are all-reduced:
+    one bad process poisons every replica, and a process that stopped alone would hang the
+    others)."""
+    names = sorted(loss_dict)
+    values = torch.stack([torch.as_tensor(loss_dict[k]).detach().float() for k in names])
+    world = comm.get_world_size()
+    if world > 1:
+        torch.distributed.all_reduce(values)
+        values = values / world
+    return dict(zip(names, values.tolist()))
 
 
 class FiniteLossGuard:
@@ -123,7 +140,7 @@ def install_finite_loss_check(
     write_metrics = trainer._write_metrics  # bound method of the trainer's class
 
     def checked_write_metrics(loss_dict, data_time, prefix="", iter=None):
-        if guard.check(loss_dict, trainer.iter if iter is None else iter):
+        if guard.check(mean_over_processes(loss_dict), trainer.iter if iter is None else iter):
             scaler = getattr(trainer, "grad_scaler", None)
             if scaler is None or not scaler.is_enabled():
                 trainer.optimizer.zero_grad(set_to_none=True)

@@ -46,7 +46,7 @@ from ..checkpoint import ConvMAECheckpointer
 from ..config import add_convmae_config
 from ..data.resumable_loader import ResumableTrainLoader
 from ..data.sem_seg_mapper import SemSegDatasetMapper, check_num_classes
-from .hooks import FiniteLossGuard
+from .hooks import FiniteLossGuard, mean_over_processes
 from .reproducibility import IterationSeeder, derive_seed, resolve_run_seed
 from .resume import repair_last_checkpoint
 from .seg_solver import build_seg_lr_scheduler, build_seg_optimizer
@@ -137,18 +137,6 @@ def build_seg_train_loader(cfg: CfgNode, *, seed: Optional[int] = None) -> Resum
     )
 
 
-def _mean_over_processes(loss_dict: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    """Loss terms averaged over all processes, on every process (a NaN anywhere is seen by all,
-    so all take the same decision)."""
-    names = sorted(loss_dict)
-    values = torch.stack([loss_dict[k].detach().float() for k in names])
-    world = comm.get_world_size()
-    if world > 1:
-        torch.distributed.all_reduce(values)
-        values = values / world
-    return dict(zip(names, values.tolist()))
-
-
 def _norm_statistics(model: nn.Module) -> List[torch.Tensor]:
     """The running statistics of the BatchNorm layers (what a forward pass changes)."""
     return [
@@ -233,7 +221,7 @@ def do_seg_train(cfg: CfgNode, model: nn.Module, *, resume: bool = False) -> nn.
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 loss_dict = model(data)
             losses = sum(loss_dict.values())
-            reduced = _mean_over_processes(loss_dict)
+            reduced = mean_over_processes(loss_dict)
             if guard.check(reduced, iteration):  # raises in "stop" mode
                 for buffer, saved in zip(norm_stats, saved_stats):
                     buffer.copy_(saved)
