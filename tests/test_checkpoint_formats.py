@@ -259,6 +259,22 @@ def test_truncated_or_garbage_file_names_the_file(tmp_path, cut):
         load_checkpoint_file(str(text))
 
 
+def test_atomic_writes_give_files_the_usual_permissions(tmp_path):
+    from convmae_det.checkpoint.io import save_checkpoint_atomic, write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint_atomic({"x": torch.ones(2)}, str(tmp_path / "a.pth"))
+        write_text_atomic("a.pth", str(tmp_path / "last_checkpoint"))
+    finally:
+        os.umask(old)
+    for name in ("a.pth", "last_checkpoint"):  # 0o644 like open(), not mkstemp's 0o600
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644
+    assert torch.equal(torch.load(tmp_path / "a.pth")["x"], torch.ones(2))
+    assert (tmp_path / "last_checkpoint").read_text() == "a.pth"
+    assert sorted(os.listdir(tmp_path)) == ["a.pth", "last_checkpoint"]  # no temporary left
+
+
 def test_checkpointer_saves_atomically_and_resumes(tmp_path):
     model = ConvViT(**tiny_convvit_kwargs())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

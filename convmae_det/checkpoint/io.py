@@ -18,7 +18,7 @@ import os
 import pickle
 import re
 import tempfile
-from typing import Any, Dict
+from typing import IO, Any, Callable, Dict
 
 import numpy as np
 import torch
@@ -136,14 +136,24 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint_atomic(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)`` through a temporary file and an atomic rename."""
+def _default_file_mode() -> int:
+    """The mode ``open()`` gives a new file (0o666 minus the umask); ``mkstemp`` uses 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _write_atomic(path: str, write: Callable[[IO], None], mode: str) -> None:
+    """Write ``path`` through a temporary file in the same folder, fsync it, and rename it over
+    ``path``: a reader (or a resume after a crash) sees the old file or the new one, never a
+    partial one. The file gets the usual permissions, like a plain ``open()``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        os.fchmod(fd, _default_file_mode())
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -154,21 +164,14 @@ def save_checkpoint_atomic(obj: Any, path: str) -> None:
         raise
 
 
+def save_checkpoint_atomic(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` through a temporary file and an atomic rename."""
+    _write_atomic(path, lambda f: torch.save(obj, f), "wb")
+
+
 def write_text_atomic(text: str, path: str) -> None:
     """Write a small text file (e.g. ``last_checkpoint``) atomically."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _write_atomic(path, lambda f: f.write(text), "w")
 
 
 def to_tensor_dict(state: Dict[str, Any]) -> Dict[str, Any]:
