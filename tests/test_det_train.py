@@ -100,12 +100,20 @@ def test_two_iterations_train_evaluate_resume_and_eval_only(tmp_path, data_root)
     assert "Checkpoint report" in log and "missing: 0" in log and "unexpected: 0" in log
 
 
-def test_two_process_gloo_training_on_cpu(tmp_path, data_root):
+@pytest.mark.parametrize("starter", ["launch", "torchrun"])
+def test_two_process_gloo_training_on_cpu(tmp_path, data_root, starter):
     out = str(tmp_path / "ddp")
-    proc = run_tool(
-        ["--config-file", VITDET_TOY, "--num-gpus", "2", f"train.output_dir={out}"] + FAST,
-        data_root,
-    )  # fmt: skip
+    args = ["--config-file", VITDET_TOY, f"train.output_dir={out}"] + FAST
+    if starter == "launch":  # detectron2's launch: --num-gpus 2 starts 2 CPU processes
+        proc = run_tool(["--num-gpus", "2"] + args, data_root)
+    else:  # torchrun starts the processes, the tool joins their group
+        env = {**os.environ, "DETECTRON2_DATASETS": data_root, "OMP_NUM_THREADS": "1"}
+        env["PYTHONPATH"] = ROOT
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        proc = subprocess.run(
+            command + ["--nproc-per-node", "2", TOOL] + args, capture_output=True, text=True,
+            cwd=ROOT, env=env, timeout=600,
+        )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = open(os.path.join(out, "log.txt")).read()
     assert "World size: 2" in log

@@ -251,3 +251,24 @@ def test_fastconvmae_crash_inside_an_epoch_then_resume_is_exact(
     _assert_same_training_state(_load(final), reference)
     if mor is not None:  # the EMA target is part of the exact state
         assert any(k.startswith("mor.ema.") for k in reference["model"])
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.epochs=many", "'train.epochs' expects int"),
+        ("train.epoch=3", "unknown config key 'train.epoch'"),
+    ],
+)
+def test_bad_override_is_one_line_and_exit_code_2_before_anything_runs(
+    tmp_path, override, expected
+):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, TOOL, "--config-file", CONFIG, f"train.output_dir={out}", override],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()  # nothing was written

@@ -40,7 +40,8 @@ from convmae_det.engine import (  # noqa: E402
     lazy_train,
     load_lazy_config,
 )
-from detectron2.engine import default_argument_parser, launch  # noqa: E402
+from convmae_det.engine.launcher import launch_tool  # noqa: E402
+from detectron2.engine import default_argument_parser  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 logger = logging.getLogger("detectron2")
@@ -73,27 +74,14 @@ def main(args) -> dict:
 
 
 def preflight(args) -> None:
-    """Refuse bad overrides and missing datasets before any process is started."""
-    try:
-        cfg = load_lazy_config(args.config_file, args.opts)
-        check_datasets(dataset_names_in_config(cfg))
-    except (KeyError, FileNotFoundError, ValueError) as exc:
-        message = exc.args[0] if exc.args else str(exc)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    """Refuse bad overrides (unknown keys, wrong types) and missing datasets before any process is
+    started."""
+    cfg = load_lazy_config(args.config_file, args.opts)
+    check_datasets(dataset_names_in_config(cfg))
 
 
 def invoke_main() -> None:
-    args = build_parser().parse_args()
-    preflight(args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_tool(main, build_parser().parse_args(), preflight=preflight)
 
 
 if __name__ == "__main__":

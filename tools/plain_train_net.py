@@ -25,8 +25,8 @@ import convmae_det  # noqa: E402,F401  (applies compatibility fixes)
 import convmae_det.data  # noqa: E402,F401  (registers the datasets)
 from convmae_det.checkpoint import ConvMAECheckpointer  # noqa: E402
 from convmae_det.engine.seg_train_loop import do_seg_test, do_seg_train, get_seg_cfg  # noqa: E402
-from convmae_det.engine.yacs_overrides import ConfigOverrideError  # noqa: E402
-from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from convmae_det.engine.launcher import launch_tool  # noqa: E402
+from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
@@ -60,26 +60,13 @@ def main(args):
 def preflight(args) -> None:
     """Refuse a missing config file, an unknown key or a value of the wrong type in the
     overrides with one line (``error: ...``, exit code 2) before any process is started."""
-    try:
-        get_seg_cfg(args.config_file, args.opts)
-    except (ConfigOverrideError, KeyError, FileNotFoundError) as exc:
-        message = exc.args[0] if exc.args else str(exc)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    get_seg_cfg(args.config_file, args.opts)
 
 
 def invoke_main() -> None:
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    preflight(args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_tool(main, args, preflight=preflight)
 
 
 if __name__ == "__main__":

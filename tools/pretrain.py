@@ -22,40 +22,31 @@ from the checkpoint).
 import os
 import sys
 
-import torch.distributed as dist
 from detectron2.config import LazyConfig
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import convmae_det  # noqa: F401  (compatibility fixes)
+from convmae_det.engine.config import load_lazy_config
+from convmae_det.engine.launcher import launch_tool
 from convmae_det.engine.pretrain_loop import run_pretraining
 
 
-def _torchrun_setup() -> None:
-    """Join the process group that torchrun describes through its environment variables."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or dist.is_initialized():
-        return
-    import torch
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-
-
-def main(args) -> str:
-    _torchrun_setup()
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+def load_config(args):
+    """The config file with the overrides (unknown keys and wrong types refused) and flags."""
+    cfg = load_lazy_config(args.config_file, args.opts)
     if args.data_path:
         cfg.train.data_path = args.data_path
     if args.output_dir:
         cfg.train.output_dir = args.output_dir
     if args.resume:
         cfg.train.resume = True
+    return cfg
+
+
+def main(args) -> str:
+    cfg = load_config(args)
     os.makedirs(cfg.train.output_dir, exist_ok=True)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="convmae_det")
     logger = setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name=__name__)
@@ -80,15 +71,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        main(args)  # torchrun started the processes
-    else:
-        launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
+    launch_tool(main, parse_args(), preflight=load_config)
