@@ -21,6 +21,7 @@ from convmae_det.engine.hooks import (
     AMPOverflowCounter,
     NonFiniteLossError,
     install_finite_loss_check,
+    scaler_step,
 )
 from convmae_det.engine.resume import newest_checkpoint, repair_last_checkpoint
 
@@ -259,3 +260,21 @@ def test_resume_without_last_checkpoint_file_uses_newest_and_empty_folder_means_
     _touch(os.path.join(str(tmp_path), "model_0000010.pth"), size=0)  # empty: not complete
     assert repair_last_checkpoint(checkpointer) == "model_0000004.pth"
     assert checkpointer.has_checkpoint()
+
+
+def test_scaler_step_reports_the_fp16_steps_it_skipped():
+    # the step the segmentation and pretraining loops take (they count the True results)
+    model = _Linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    skipped = []
+    for x in (3.0, 3.0, 3.0, 1e4, 3.0):
+        before = model.fc.weight.detach().clone()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(torch.full((1, 4), x))["loss"]
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        skipped.append(scaler_step(scaler, optimizer))
+        assert torch.equal(model.fc.weight, before) == skipped[-1]
+    assert skipped == [True, True, False, True, False]
+    assert not scaler_step(torch.amp.GradScaler("cpu", enabled=False), optimizer)

@@ -34,6 +34,7 @@ __all__ = [
     "NonFiniteLossError",
     "install_finite_loss_check",
     "mean_over_processes",
+    "scaler_step",
     "nonfinite_terms",
 ]
 
@@ -148,6 +149,16 @@ def install_finite_loss_check(
         return write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
 
     trainer._write_metrics = checked_write_metrics
+
+
+def scaler_step(scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer) -> bool:
+    """``scaler.step(optimizer)`` + ``scaler.update()``. Returns True when the fp16 scaler skipped
+    the step because of inf / NaN gradients (it then lowers its scale), for the loops that count
+    overflow steps (``amp_overflow_steps``)."""
+    before = float(scaler.get_scale()) if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    return before is not None and float(scaler.get_scale()) < before
 
 
 class AMPOverflowCounter(HookBase):

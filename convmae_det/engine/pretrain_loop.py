@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from detectron2.utils import comm
 
+from .hooks import scaler_step
 from .pretrain_checkpoint import checkpoint_name, find_last_checkpoint, load_pretrain_checkpoint
 from .pretrain_checkpoint import plain_args, prune_iteration_checkpoints, restore_pretraining
 from .pretrain_checkpoint import save_pretrain_checkpoint
@@ -212,6 +213,7 @@ class PretrainRunner:
         self.amp_dtype = getattr(torch, opt["amp_dtype"])
         fp16 = self.use_amp and self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.amp_overflows = 0  # fp16 steps the scaler skipped (inf / NaN gradients)
 
         self.nonfinite = 0
         self.start_epoch, self.start_iter, self.resumed_from = 0, 0, None
@@ -326,8 +328,9 @@ class PretrainRunner:
         if self.opt["clip_grad"] is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.opt["clip_grad"])
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if scaler_step(self.scaler, self.optimizer):
+            self.amp_overflows += 1
+            logger.info("fp16 overflow: step skipped by the scaler (%d so far)", self.amp_overflows)
         self.optimizer.zero_grad(set_to_none=True)
         update_ema = getattr(self.model, "update_ema", None)
         if update_ema is not None:

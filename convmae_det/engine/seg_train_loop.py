@@ -46,7 +46,7 @@ from ..checkpoint import ConvMAECheckpointer
 from ..config import add_convmae_config
 from ..data.resumable_loader import ResumableTrainLoader
 from ..data.sem_seg_mapper import SemSegDatasetMapper, check_num_classes
-from .hooks import FiniteLossGuard, mean_over_processes
+from .hooks import FiniteLossGuard, mean_over_processes, scaler_step
 from .reproducibility import IterationSeeder, derive_seed, resolve_run_seed
 from .resume import repair_last_checkpoint
 from .seg_solver import build_seg_lr_scheduler, build_seg_optimizer
@@ -208,6 +208,7 @@ def do_seg_train(cfg: CfgNode, model: nn.Module, *, resume: bool = False) -> nn.
         f"Starting training from iteration {start_iter} to {max_iter} (run seed {seeder.seed}, "
         f"data seed {loader.seed})"
     )
+    overflows = 0  # fp16 steps the scaler skipped (inf / NaN gradients)
     with EventStorage(start_iter) as storage:
         data_iter = iter(loader)
         for iteration in range(start_iter, max_iter):
@@ -231,8 +232,11 @@ def do_seg_train(cfg: CfgNode, model: nn.Module, *, resume: bool = False) -> nn.
                 if cfg.SOLVER.CLIP_GRADIENTS.ENABLED:
                     scaler.unscale_(optimizer)
                     _clip_gradients(cfg, params)
-                scaler.step(optimizer)
-                scaler.update()
+                if scaler_step(scaler, optimizer):
+                    overflows += 1
+                    logger.info(f"fp16 overflow at iteration {iteration}: step skipped by scaler")
+                if scaler.is_enabled():
+                    storage.put_scalar("amp_overflow_steps", overflows, smoothing_hint=False)
                 if comm.is_main_process():
                     storage.put_scalars(total_loss=sum(reduced.values()), **reduced)
 
