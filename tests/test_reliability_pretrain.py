@@ -272,3 +272,22 @@ def test_bad_override_is_one_line_and_exit_code_2_before_anything_runs(
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert expected in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()  # nothing was written
+
+
+def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path, caplog):
+    images = tmp_path / "images"
+    generate_toy_images(str(images), num_images=7, size=40, seed=3)
+    good = (images / "toy_00000.png").read_bytes()
+    (images / "toy_00003.png").write_bytes(good[: len(good) // 3])  # truncated file
+    opts = dict(img_size=32, batch_size=4, epochs=2, warmup_epochs=1, seed=1, log_period=1)
+    cfg = toy_pretrain_config(str(images), str(tmp_path / "stop"), model_name="convmae_toy", **opts)
+    with pytest.raises(Exception, match="toy_00003.png"):
+        run_pretraining(cfg)
+    cfg = toy_pretrain_config(
+        str(images), str(tmp_path / "skip"), model_name="convmae_toy", skip_bad_samples=True, **opts
+    )
+    with caplog.at_level("WARNING"):
+        path = run_pretraining(cfg)  # 7 images / 4 per step -> 1 iteration per epoch, 2 epochs
+    assert os.path.isfile(path) and "toy_00003.png" in caplog.text
+    runner_state = torch.load(path, map_location="cpu", weights_only=False)["train_state"]
+    assert runner_state["loader"]["num_skipped"] >= 1

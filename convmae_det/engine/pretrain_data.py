@@ -121,6 +121,7 @@ def build_pretrain_loader(
     num_workers: int,
     seed: int = 0,
     pin_memory: bool = False,
+    skip_bad_samples: bool = False,
 ) -> ResumableTrainLoader:
     """Endless loader of ``(batch_size, 3, H, W)`` image batches for this process.
 
@@ -129,7 +130,9 @@ def build_pretrain_loader(
     by ``(seed, p // N)``, augmented with every generator seeded by ``(seed, p)`` (also in the
     worker processes). Every image is read once per ``N`` samples; the images the last partial
     batch of an epoch would drop open the next epoch. ``set_start_iter(i)`` before ``iter()``
-    starts at global iteration ``i``; the seed travels in ``state_dict()``.
+    starts at global iteration ``i``; the seed travels in ``state_dict()``. An unreadable image
+    raises :class:`~convmae_det.data.resumable_loader.BadSampleError` naming the file, or with
+    ``skip_bad_samples`` is logged, counted and replaced by a seed-chosen image.
     """
     files = getattr(dataset, "files", None)
     if files is None:
@@ -142,6 +145,7 @@ def build_pretrain_loader(
         seed=seed,
         collate_fn=torch.stack,
         pin_memory=pin_memory,
+        skip_bad_samples=skip_bad_samples,
     )
 
 

@@ -62,6 +62,7 @@ PRETRAIN_DEFAULTS: Dict[str, Any] = dict(
     amp_dtype="float16",  # "float16" (with GradScaler, official) or "bfloat16"
     max_nonfinite=10,  # consecutive non-finite losses (skipped steps) before giving up
     num_workers=8,  # data loader workers per process
+    skip_bad_samples=False,  # True: log, count and replace unreadable images instead of stopping
     seed=0,  # data order, augmentation and masks (per iteration); < 0: random (kept on resume)
     device="auto",  # "auto" (cuda if available), "cpu", "cuda"
     log_period=20,  # iterations between log lines
@@ -282,6 +283,7 @@ class PretrainRunner:
             num_workers=opt["num_workers"],
             seed=self.seed,
             pin_memory=self.device.type == "cuda",
+            skip_bad_samples=bool(opt["skip_bad_samples"]),
         )
 
     # ------------------------------------------------------------------ one iteration
