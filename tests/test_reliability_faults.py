@@ -246,11 +246,24 @@ def test_resume_picks_newest_complete_checkpoint_when_last_checkpoint_is_stale(t
         _touch(os.path.join(out, name))
     _touch(os.path.join(out, ".tmp-abc.pth"))  # an interrupted save: never a candidate
     with open(os.path.join(out, "last_checkpoint"), "w") as f:
-        f.write("model_0000001.pth")  # killed between the rename and this update
+        f.write("model_0000001.pth")  # killed between the rename and this update:
+    os.utime(os.path.join(out, "last_checkpoint"), (1e9, 1e9))  # older than model_0000003.pth
     checkpointer = ConvMAECheckpointer(nn.Linear(1, 1), out)
     assert newest_checkpoint(out) == "model_0000003.pth"
     assert repair_last_checkpoint(checkpointer) == "model_0000003.pth"
     assert open(os.path.join(out, "last_checkpoint")).read() == "model_0000003.pth"
+
+
+def test_last_checkpoint_edited_after_the_newest_checkpoint_is_a_roll_back_and_kept(tmp_path):
+    out = str(tmp_path)
+    for name in ("model_0000001.pth", "model_0000003.pth"):
+        _touch(os.path.join(out, name))
+        os.utime(os.path.join(out, name), (1e9, 1e9))
+    with open(os.path.join(out, "last_checkpoint"), "w") as f:
+        f.write("model_0000001.pth")  # written by hand after the run: restart from iteration 1
+    checkpointer = ConvMAECheckpointer(nn.Linear(1, 1), out)
+    assert repair_last_checkpoint(checkpointer) == "model_0000001.pth"
+    assert open(os.path.join(out, "last_checkpoint")).read() == "model_0000001.pth"
 
 
 def test_resume_without_last_checkpoint_file_uses_newest_and_empty_folder_means_none(tmp_path):

@@ -200,7 +200,8 @@ def test_stale_or_missing_last_checkpoint_resumes_from_the_newest_complete_file(
     model = torch.nn.Linear(2, 2)
     for name in ("checkpoint-0000-iter000002.pth", "checkpoint-0001.pth"):
         save_pretrain_checkpoint(str(tmp_path / name), model=model, optimizer=None, epoch=0)
-    (tmp_path / "last_checkpoint").write_text("checkpoint-0000-iter000002.pth")  # stale
+    (tmp_path / "last_checkpoint").write_text("checkpoint-0000-iter000002.pth")  # stale:
+    os.utime(tmp_path / "last_checkpoint", (1e9, 1e9))  # written before checkpoint-0001.pth
     (tmp_path / "checkpoint-0003-iter000001.pth").write_bytes(b"")  # empty: never a candidate
     (tmp_path / ".tmp-abc.pth").write_bytes(b"half")  # temporary: never a candidate
     assert find_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-0001.pth")

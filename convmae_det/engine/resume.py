@@ -5,6 +5,9 @@ right after. A kill between those two steps leaves a newer complete ``model_XXXX
 the one ``last_checkpoint`` names (or no ``last_checkpoint`` at all); a folder copied without
 that file has the same problem. :func:`repair_last_checkpoint` points ``last_checkpoint`` at the
 newest complete checkpoint before resuming. Temporary files (``.tmp-*``) are never candidates.
+
+A ``last_checkpoint`` written *after* the newest checkpoint (newer modification time) that names
+an older one is a deliberate roll-back (edited by hand to restart from there) and is kept.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def newest_checkpoint(save_dir: str, rank: Callable[[str], Optional[Any]] = _ran
 
 def repair_last_checkpoint(checkpointer, rank: Callable[[str], Optional[Any]] = _rank) -> str:
     """Make ``checkpointer``'s ``last_checkpoint`` name the newest complete checkpoint of its
-    ``save_dir`` when it is missing, names a missing file, or names an older checkpoint.
+    ``save_dir`` when it is missing, names a missing file, or names an older checkpoint and was
+    written before the newest one (an interrupted save; see the module docstring).
     Returns the basename it names afterwards ("" when there is no checkpoint).
 
     ``checkpointer`` needs ``save_dir``, ``get_checkpoint_file()`` and
@@ -56,6 +60,13 @@ def repair_last_checkpoint(checkpointer, rank: Callable[[str], Optional[Any]] = 
         return tagged if tagged and os.path.isfile(tagged_path) else ""
     tagged_ok = bool(tagged) and os.path.isfile(tagged_path)
     if tagged_ok and (rank(tagged) is None or rank(tagged) >= rank(newest)):
+        return tagged
+    pointer = os.path.join(save_dir, "last_checkpoint")
+    if tagged_ok and os.path.getmtime(pointer) > os.path.getmtime(os.path.join(save_dir, newest)):
+        logger.info(
+            f"{pointer} names {tagged!r} and was written after {newest!r}: resuming from "
+            f"{tagged!r} as it says (a roll-back)"
+        )
         return tagged
     logger.warning(
         f"{os.path.join(save_dir, 'last_checkpoint')} names {tagged or 'nothing'!r} but "
