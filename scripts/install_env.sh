@@ -41,7 +41,11 @@ fi
 
 quiet $PY scripts/install_detectron2.py --source "$DETECTRON2_SOURCE"
 
-if ! $PY -c "import convmae_det, os, sys; sys.exit(0 if os.path.samefile(os.path.dirname(convmae_det.__file__), 'convmae_det') else 1)" 2>/dev/null; then
+# checked from another folder: in the repository root `import convmae_det` finds the source folder
+# even when nothing is installed
+PY_ABS="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
+SRC="$PWD/convmae_det"
+if ! (cd / && "$PY_ABS" -c "import convmae_det, os, sys; sys.exit(0 if os.path.samefile(os.path.dirname(convmae_det.__file__), sys.argv[1]) else 1)" "$SRC") 2>/dev/null; then
   echo "[install] convmae_det (editable)"
   quiet $PIP install -q --no-deps --no-build-isolation -e .
 fi

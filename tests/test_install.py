@@ -47,3 +47,19 @@ def test_pinned_checksum_is_the_verified_one():
     assert (
         installer.WHEEL_SHA256 == "491af0c7f79bdb2d178e46f6cb16a97c4ac968d45c41ea3f6b6435d59bbee561"
     )
+
+
+def test_package_is_installed_for_use_outside_the_repository(tmp_path):
+    # `make install` installs convmae_det (editable): a script run from another folder, or a tool
+    # run by path, imports this checkout without PYTHONPATH
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import convmae_det; print(convmae_det.__file__)"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = proc.stdout.strip().splitlines()[-1]
+    assert os.path.samefile(os.path.dirname(printed), os.path.join(ROOT, "convmae_det"))

@@ -22,15 +22,16 @@ from the checkpoint).
 import os
 import sys
 
-from detectron2.config import LazyConfig
-from detectron2.engine import default_argument_parser
-from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import convmae_det  # noqa: F401  (compatibility fixes)
-from convmae_det.engine.config import load_lazy_config
-from convmae_det.engine.launcher import launch_tool
-from convmae_det.engine.pretrain_loop import run_pretraining
+import convmae_det  # noqa: E402,F401  (compatibility fixes)
+from convmae_det.engine.config import load_lazy_config  # noqa: E402
+from convmae_det.engine.launcher import launch_tool  # noqa: E402
+from convmae_det.engine.pretrain_loop import run_pretraining  # noqa: E402
+from detectron2.config import LazyConfig  # noqa: E402
+from detectron2.engine import default_argument_parser  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 
 def load_config(args):
