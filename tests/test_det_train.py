@@ -105,7 +105,7 @@ def test_two_process_gloo_training_on_cpu(tmp_path, data_root, starter):
     out = str(tmp_path / "ddp")
     args = ["--config-file", VITDET_TOY, f"train.output_dir={out}"] + FAST
     if starter == "launch":  # detectron2's launch: --num-gpus 2 starts 2 CPU processes
-        proc = run_tool(["--num-gpus", "2"] + args, data_root)
+        proc = run_tool(["--num-gpus", "2", "--dist-url", "auto"] + args, data_root)
     else:  # torchrun starts the processes, the tool joins their group
         env = {**os.environ, "DETECTRON2_DATASETS": data_root, "OMP_NUM_THREADS": "1"}
         env["PYTHONPATH"] = ROOT

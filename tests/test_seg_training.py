@@ -107,7 +107,7 @@ def test_two_cpu_processes_train_and_evaluate_periodically_over_gloo(
 ):  # noqa: F811
     cmd = [
         sys.executable, os.path.join(ROOT, "tools", "plain_train_net.py"),
-        "--config-file", TOY_CFG, "--num-gpus", "2",
+        "--config-file", TOY_CFG, "--num-gpus", "2", "--dist-url", "auto",  # a free port
         "SOLVER.MAX_ITER", "6", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.LOG_PERIOD", "3",
         "TEST.EVAL_PERIOD", "3", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path),
     ]  # fmt: skip
