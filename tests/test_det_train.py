@@ -305,3 +305,20 @@ def test_detection_demo_function_returns_metrics_and_drawings(tmp_path, data_roo
     assert metrics["train_seconds"] > 0 and metrics["eval_seconds"] > 0
     assert len(metrics["visualizations"]) == 1 and os.path.isfile(metrics["visualizations"][0])
     assert json.load(open(os.path.join(out, "demo_metrics.json")))["box_AP"] == metrics["box_AP"]
+
+
+def test_cpu_processes_share_the_cores_unless_omp_num_threads_is_set(monkeypatch):
+    from convmae_det.engine import launcher
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(launcher, "_available_cores", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        assert launcher.share_cpu_threads(2) == 4 and torch.get_num_threads() == 4
+        assert launcher.share_cpu_threads(16) == 1 and torch.get_num_threads() == 1
+        assert launcher.share_cpu_threads(1) is None  # one process keeps torch's default
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert launcher.share_cpu_threads(2) is None  # the user decided
+    finally:
+        torch.set_num_threads(before)
