@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from ..checkpoint import ConvMAECheckpointer
 from .config import check_datasets, dataset_names_in_config
 from .hooks import AMPOverflowCounter, install_finite_loss_check
-from .resume import repair_last_checkpoint
+from .resume import resume_newest
 from .reproducibility import IterationSeeder, enable_determinism, resolve_run_seed
 from .trainer import build_trainer, count_parameters, resolve_device
 
@@ -157,13 +157,8 @@ def lazy_train(
             ),
         ]
     )
-    if resume and comm.is_main_process():
-        repair_last_checkpoint(checkpointer)
-    comm.synchronize()
-    if resume and checkpointer.has_checkpoint():
-        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=True)
+    if resume and resume_newest(checkpointer) is not None:
         start_iter = trainer.iter + 1  # the checkpoint holds the last finished iteration
-        logger.info(f"Resuming from {checkpointer.get_checkpoint_file()} at iteration {start_iter}")
     else:
         strict = cfg.train.get("init_strict", False) if strict is None else strict
         load_weights(checkpointer, cfg.train.init_checkpoint, strict=strict)

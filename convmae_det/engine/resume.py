@@ -4,7 +4,8 @@ Checkpoints are renamed into place only once fully written, and ``last_checkpoin
 right after. A kill between those two steps leaves a newer complete ``model_XXXXXXX.pth`` than
 the one ``last_checkpoint`` names (or no ``last_checkpoint`` at all); a folder copied without
 that file has the same problem. :func:`repair_last_checkpoint` points ``last_checkpoint`` at the
-newest complete checkpoint before resuming. Temporary files (``.tmp-*``) are never candidates.
+newest complete checkpoint before resuming (:func:`resume_newest` does both for the trainers).
+Temporary files (``.tmp-*``) are never candidates.
 
 A ``last_checkpoint`` written *after* the newest checkpoint (newer modification time) that names
 an older one is a deliberate roll-back (edited by hand to restart from there) and is kept.
@@ -15,9 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
-__all__ = ["newest_checkpoint", "repair_last_checkpoint"]
+from detectron2.utils import comm
+
+__all__ = ["newest_checkpoint", "repair_last_checkpoint", "resume_newest"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,3 +77,19 @@ def repair_last_checkpoint(checkpointer, rank: Callable[[str], Optional[Any]] = 
     )
     checkpointer.tag_last_checkpoint(newest)
     return newest
+
+
+def resume_newest(checkpointer) -> Optional[Dict[str, Any]]:
+    """``--resume`` for a detectron2-style ``checkpointer``: repair ``last_checkpoint`` (main
+    process), then load the newest complete checkpoint with everything registered on the
+    checkpointer (optimizer, scheduler, seeds...). Returns what the file held besides those
+    (e.g. ``iteration``), or None when there is nothing to resume from. Call on every process."""
+    if comm.is_main_process():
+        repair_last_checkpoint(checkpointer)
+    comm.synchronize()
+    if not checkpointer.has_checkpoint():
+        return None
+    state = checkpointer.resume_or_load("", resume=True)
+    start = state.get("iteration", -1) + 1  # the file holds the last finished iteration
+    logger.info(f"Resuming from {checkpointer.get_checkpoint_file()} at iteration {start}")
+    return state

@@ -12,7 +12,7 @@ Reliability, as in the detection trainer (``docs/RELIABILITY.md``):
   (:class:`IterationSeeder`), and the training loader reads batch ``i`` as a function of
   ``(SEED, i)`` only (:class:`ResumableTrainLoader`). Both seeds, the optimizer, the scheduler,
   the scaler and the iteration are in every checkpoint (``SEED < 0``: a random seed, kept there
-  too), and ``--resume`` continues from the newest complete checkpoint (``repair_last_checkpoint``),
+  too), and ``--resume`` continues from the newest complete checkpoint (``resume_newest``),
   so a killed and resumed run ends with the weights of the uninterrupted one;
 * ``SOLVER.CHECKPOINT_MAX_TO_KEEP`` keeps the newest N periodic checkpoints;
 * a NaN / Inf loss term stops the run before the optimizer step (:class:`NonFiniteLossError`
@@ -48,7 +48,7 @@ from ..data.resumable_loader import ResumableTrainLoader
 from ..data.sem_seg_mapper import SemSegDatasetMapper, check_num_classes
 from .hooks import FiniteLossGuard, mean_over_processes, scaler_step
 from .reproducibility import IterationSeeder, derive_seed, resolve_run_seed
-from .resume import repair_last_checkpoint
+from .resume import resume_newest
 from .seg_solver import build_seg_lr_scheduler, build_seg_optimizer
 from .yacs_overrides import merge_checked_overrides
 
@@ -150,15 +150,11 @@ def _norm_statistics(model: nn.Module) -> List[torch.Tensor]:
 def _load_or_resume(checkpointer: ConvMAECheckpointer, weights: str, resume: bool) -> int:
     """Load ``weights`` or, with ``resume``, the newest complete checkpoint with everything
     needed to continue; returns the first iteration to run."""
-    if resume and comm.is_main_process():
-        repair_last_checkpoint(checkpointer)
-    comm.synchronize()
-    resuming = resume and checkpointer.has_checkpoint()
-    state = checkpointer.resume_or_load(weights, resume=resume)
-    start_iter = state.get("iteration", -1) + 1 if resuming else 0
-    if resuming:
-        logger.info(f"Resuming from {checkpointer.get_checkpoint_file()} at iteration {start_iter}")
-    return start_iter
+    state = resume_newest(checkpointer) if resume else None
+    if state is None:
+        checkpointer.resume_or_load(weights, resume=False)
+        return 0
+    return state.get("iteration", -1) + 1
 
 
 def do_seg_train(cfg: CfgNode, model: nn.Module, *, resume: bool = False) -> nn.Module:
