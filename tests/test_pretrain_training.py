@@ -194,7 +194,7 @@ def test_demo_checkpoint_hands_off_to_a_detector_with_no_missing_encoder_keys(
     from convmae_det.checkpoint import convert_checkpoint, load_checkpoint_file
 
     if mor is None:
-        path = run_pretrain_demo(toy_dir, str(tmp_path), minutes=5, epochs=1, batch_size=8)
+        path = run_pretrain_demo(toy_dir, str(tmp_path), epochs=1, batch_size=8)
     else:  # a MoR checkpoint carries mor.* keys next to the official ones
         cfg = _cfg(toy_dir, tmp_path, epochs=1)
         cfg["model"]["mor"] = mor

@@ -9,7 +9,7 @@
 4. draw the predicted masks, reconstructions and training curves into ``pictures/`` and print a
    summary and the folder that holds every picture, log and metrics file.
 
-    python tools/run_demo.py [--output-dir demo_output] [--pretrain-minutes 2] [--skip-pretrain]
+    python tools/run_demo.py [--output-dir demo_output] [--pretrain-epochs 20] [--skip-pretrain]
         [--skip-detection] [--skip-segmentation]
 """
 
@@ -23,24 +23,30 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import convmae_det  # noqa: E402,F401  (compatibility fixes)
 import convmae_det.data  # noqa: E402,F401  (dataset registration)
+from convmae_det.engine.pretrain_demo import DEMO_PRETRAIN_EPOCHS  # noqa: E402
 
 
 def _banner(text: str) -> None:
     print(f"\n==== {text} ====", flush=True)
 
 
-def run_pretraining_step(out: str, minutes: float) -> str:
+def run_pretraining_step(out: str, epochs: int) -> str:
     from convmae_det.data.datasets.toy_coco import ensure_toy_split
     from convmae_det.engine.pretrain_demo import run_pretrain_demo
 
     _, image_root = ensure_toy_split("toy_coco_train")
-    return run_pretrain_demo(image_root, os.path.join(out, "pretrain"), minutes=minutes)
+    return run_pretrain_demo(image_root, os.path.join(out, "pretrain"), epochs=epochs)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="demo_output")
-    parser.add_argument("--pretrain-minutes", type=float, default=2.0)
+    parser.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=DEMO_PRETRAIN_EPOCHS,
+        help="toy pretraining epochs of 50 iterations (a fixed budget, so every run is the same)",
+    )
     parser.add_argument("--skip-pretrain", action="store_true")
     parser.add_argument("--skip-detection", action="store_true")
     parser.add_argument("--skip-segmentation", action="store_true")
@@ -52,9 +58,9 @@ def main(argv=None) -> int:
 
     checkpoint = ""
     if not args.skip_pretrain:
-        _banner(f"1/3 FastConvMAE pretraining on the toy images ({args.pretrain_minutes:g} min)")
+        _banner(f"1/3 FastConvMAE pretraining on the toy images ({args.pretrain_epochs} epochs)")
         t = time.time()
-        checkpoint = run_pretraining_step(out, args.pretrain_minutes)
+        checkpoint = run_pretraining_step(out, args.pretrain_epochs)
         summary["pretrain"] = {"checkpoint": checkpoint, "seconds": round(time.time() - t, 1)}
         print(f"pretraining checkpoint: {checkpoint}")
 
