@@ -22,6 +22,7 @@ setup(
         "iopath",
         "omegaconf>=2.1",
         "pycocotools>=2.0.2",
+        "faster-coco-eval>=1.6",
         "opencv-python-headless",
         "matplotlib",
     ],
