@@ -171,7 +171,9 @@ class Attention(nn.Module):
             logits = (q * self.scale) @ k.transpose(-2, -1)
             if bias is not None:
                 logits = logits + bias
-            out = logits.float().softmax(dim=-1).to(v.dtype) @ v
+            # softmax in float32 for half precision, in the logits' own precision otherwise
+            work = torch.promote_types(logits.dtype, torch.float32)
+            out = logits.to(work).softmax(dim=-1).to(v.dtype) @ v
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 

@@ -87,9 +87,10 @@ def unpatchify(x: torch.Tensor, patch: int, grid: Tuple[int, int], chans: int = 
 
 
 def pixel_target(imgs: torch.Tensor, patch: int, norm_pix: bool = True) -> torch.Tensor:
-    """Reconstruction target (B, L, p*p*C) in float32; with ``norm_pix`` every patch is
-    normalised by its own mean and unbiased variance: (x - mean) / sqrt(var + 1e-6)."""
-    target = patchify(imgs.float(), patch)
+    """Reconstruction target (B, L, p*p*C) in float32 (float64 for float64 images); with
+    ``norm_pix`` every patch is normalised by its own mean and unbiased variance:
+    (x - mean) / sqrt(var + 1e-6)."""
+    target = patchify(imgs.to(torch.promote_types(imgs.dtype, torch.float32)), patch)
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
@@ -101,11 +102,12 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     """Mean over masked patches of the per-patch mean squared error.
 
     Args:
-        pred, target: (B, L, D) (computed in float32).
+        pred, target: (B, L, D) (computed in float32, or float64 if either is float64).
         mask: (B, L), 1 where the patch was masked (a loss position), 0 where visible.
     Returns:
         scalar ``sum(mask * mean_d (pred - target)^2) / sum(mask)``.
     """
-    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    work = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
+    per_patch = (pred.to(work) - target.to(work)).pow(2).mean(dim=-1)
     mask = mask.to(per_patch.dtype)
     return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)

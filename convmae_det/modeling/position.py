@@ -33,11 +33,15 @@ __all__ = [
 ]
 
 
-def get_2d_sincos_pos_embed(dim: int, grid_hw: Tuple[int, int]) -> torch.Tensor:
+def get_2d_sincos_pos_embed(
+    dim: int, grid_hw: Tuple[int, int], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Fixed 2-D sin-cos table, MAE convention (first half encodes x, second half y).
 
+    Computed in float64 and rounded once to ``dtype`` (float32 by default, as the official code).
+
     Returns:
-        (1, h*w, dim) float32 tensor, row-major over the (h, w) grid.
+        (1, h*w, dim) tensor of ``dtype``, row-major over the (h, w) grid.
     """
     if dim % 4 != 0:
         raise ValueError(f"sin-cos position embedding needs dim % 4 == 0, got dim={dim}")
@@ -52,7 +56,7 @@ def get_2d_sincos_pos_embed(dim: int, grid_hw: Tuple[int, int]) -> torch.Tensor:
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     table = np.concatenate([_one_axis(gx), _one_axis(gy)], axis=1)
-    return torch.from_numpy(table).float().unsqueeze(0)
+    return torch.from_numpy(table).to(dtype).unsqueeze(0)
 
 
 def infer_grid(num_tokens: int, hint: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
@@ -80,7 +84,9 @@ def resize_pos_embed(
         return pos_embed
     c = pos_embed.shape[-1]
     grid = pos_embed.reshape(1, src_hw[0], src_hw[1], c).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=tuple(dst_hw), mode="bicubic", align_corners=False)
+    # half precision is resized in float32; float32 and float64 in their own precision
+    work = torch.promote_types(pos_embed.dtype, torch.float32)
+    grid = F.interpolate(grid.to(work), size=tuple(dst_hw), mode="bicubic", align_corners=False)
     return grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, dst_hw[0] * dst_hw[1], c)
 
 
@@ -112,7 +118,7 @@ def resize_rel_pos_table(
     heads = table.shape[-1]
     src = table.reshape(2 * src_hw[0] - 1, 2 * src_hw[1] - 1, heads).permute(2, 0, 1)[None]
     dst = F.interpolate(
-        src.float(),
+        src.to(torch.promote_types(table.dtype, torch.float32)),  # upcast half precision only
         size=(2 * dst_hw[0] - 1, 2 * dst_hw[1] - 1),
         mode="bicubic",
         align_corners=False,

@@ -97,7 +97,8 @@ class ConvMAEEncoder(ConvViT):
             return resize_pos_embed(table, stored_hw, hw)
         key = (table.shape[-1], tuple(hw), table.device, table.dtype)
         if key not in self._sincos_cache:
-            sincos = get_2d_sincos_pos_embed(table.shape[-1], tuple(hw))
+            work = torch.promote_types(table.dtype, torch.float32)  # float64 stays float64
+            sincos = get_2d_sincos_pos_embed(table.shape[-1], tuple(hw), dtype=work)
             self._sincos_cache[key] = sincos.to(device=table.device, dtype=table.dtype)
         return self._sincos_cache[key]
 

@@ -89,7 +89,8 @@ def segmentation_loss(
 ) -> torch.Tensor:
     """Weighted pixel cross-entropy after bilinear upsampling of (B, K, h, w) logits to the
     (B, H, W) targets; the mean runs over pixels whose label is not ``ignore_value``."""
-    logits = _resize(logits.float(), tuple(targets.shape[-2:]))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half -> float32
+    logits = _resize(logits, tuple(targets.shape[-2:]))
     loss = F.cross_entropy(logits, targets.long(), ignore_index=ignore_value, reduction="mean")
     if not (targets != ignore_value).any():
         loss = logits.sum() * 0.0  # a crop made only of ignore pixels
