@@ -236,8 +236,11 @@ def test_skip_bad_samples_logs_counts_and_replaces_reproducibly(caplog):
 
 
 def _touch(path, size=10):
-    with open(path, "wb") as f:
-        f.write(b"x" * size)
+    """A small real checkpoint (``size=0``: an empty file); resume skips unreadable ones."""
+    if size:
+        torch.save({"model": {}, "iteration": 0}, path)
+    else:
+        open(path, "wb").close()
 
 
 def test_resume_picks_newest_complete_checkpoint_when_last_checkpoint_is_stale(tmp_path):

@@ -14,8 +14,9 @@ datasets are checked before anything is built, and the final metrics are returne
 from __future__ import annotations
 
 import logging
+import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
 from detectron2.config import instantiate
@@ -28,13 +29,31 @@ from omegaconf import DictConfig
 from ..checkpoint import ConvMAECheckpointer
 from .config import check_datasets, dataset_names_in_config
 from .hooks import AMPOverflowCounter, install_finite_loss_check
-from .resume import resume_newest
+from .resume import drop_metrics_after, remove_leftover_temp_files, resume_newest
 from .reproducibility import IterationSeeder, enable_determinism, resolve_run_seed
 from .trainer import build_trainer, count_parameters, resolve_device
 
-__all__ = ["build_checkpointer", "load_weights", "lazy_test", "lazy_train", "lazy_eval_only"]
+__all__ = [
+    "build_checkpointer",
+    "datasets_to_check",
+    "load_weights",
+    "lazy_test",
+    "lazy_train",
+    "lazy_eval_only",
+]
 
 logger = logging.getLogger("detectron2")
+
+
+def datasets_to_check(cfg: DictConfig, *, eval_only: bool = False) -> List[tuple]:
+    """The ``(dataset name, config key)`` pairs a run reads: every ``names=`` under
+    ``cfg.dataloader`` for training (which also evaluates), only those under ``dataloader.test``
+    with ``eval_only`` (an evaluation never reads the training set, so a missing one must not
+    stop it)."""
+    names = dataset_names_in_config(cfg)
+    if eval_only:
+        names = [(name, key) for name, key in names if key.startswith("dataloader.test")]
+    return names
 
 
 def build_checkpointer(model: nn.Module, save_dir: str = "", **kwargs) -> ConvMAECheckpointer:
@@ -74,8 +93,9 @@ def _device(cfg: DictConfig) -> str:
 
 
 def lazy_eval_only(cfg: DictConfig, *, strict: Optional[bool] = None) -> Dict[str, Any]:
-    """Build the model, load ``train.init_checkpoint`` and evaluate it."""
-    check_datasets(dataset_names_in_config(cfg))
+    """Build the model, load ``train.init_checkpoint`` and evaluate it (only the test datasets
+    are checked: the training set need not exist)."""
+    check_datasets(datasets_to_check(cfg, eval_only=True))
     device = _device(cfg)
     model = instantiate(cfg.model).to(device)
     model = create_ddp_model(model)
@@ -147,22 +167,28 @@ def lazy_train(
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
             hooks.EvalHook(cfg.train.eval_period, evaluate),
-            (
-                hooks.PeriodicWriter(
-                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
-                    period=cfg.train.log_period,
-                )
-                if main
-                else None
-            ),
         ]
     )
+    if main:  # saves killed mid-way left these
+        remove_leftover_temp_files(cfg.train.output_dir)
     if resume and resume_newest(checkpointer) is not None:
         start_iter = trainer.iter + 1  # the checkpoint holds the last finished iteration
     else:
         strict = cfg.train.get("init_strict", False) if strict is None else strict
         load_weights(checkpointer, cfg.train.init_checkpoint, strict=strict)
         start_iter = 0
+    if main:
+        if resume:  # rows logged after the checkpoint: the resumed run logs them again
+            drop_metrics_after(os.path.join(cfg.train.output_dir, "metrics.json"), start_iter - 1)
+        # the writers (last hook) open metrics.json for appending: only once it was cut
+        trainer.register_hooks(
+            [
+                hooks.PeriodicWriter(
+                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                    period=cfg.train.log_period,
+                )
+            ]
+        )
     if start_iter >= cfg.train.max_iter:
         logger.info(f"Nothing to train: start_iter={start_iter} >= max_iter={cfg.train.max_iter}")
         return evaluate()

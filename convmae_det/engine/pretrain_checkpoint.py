@@ -18,7 +18,11 @@ loader's seed and skip count) and ``nonfinite`` (consecutive skipped steps). Nam
   and time-budget stops; only the newest few are kept).
 
 ``last_checkpoint`` names the newest; :func:`find_last_checkpoint` also finds a newer complete
-file the pointer missed (a kill between the rename and the pointer update), never a ``.tmp-*``.
+file the pointer missed (a kill between the rename and the pointer update), never a ``.tmp-*``,
+skips files a filesystem crash left unreadable and refuses a pointer naming a file outside the
+folder (:mod:`convmae_det.engine.resume`). Every file is read by
+:func:`convmae_det.checkpoint.load_checkpoint_file`: nothing pickled runs, and a refused or
+unreadable file is a :class:`~convmae_det.checkpoint.CheckpointError` naming it.
 """
 
 from __future__ import annotations
@@ -32,7 +36,12 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..checkpoint.io import save_checkpoint_atomic, write_text_atomic
+from ..checkpoint.io import (
+    CheckpointError,
+    load_checkpoint_file,
+    save_checkpoint_atomic,
+    write_text_atomic,
+)
 from .resume import repair_last_checkpoint
 
 __all__ = [
@@ -154,8 +163,13 @@ class _PointerFile:
 
 def find_last_checkpoint(output_dir: str, *, repair: bool = False) -> Optional[str]:
     """The checkpoint to resume from: the file ``output_dir/last_checkpoint`` names, or a newer
-    complete ``checkpoint-*.pth`` when the pointer is stale or missing (temporary and empty files
-    are never candidates). ``repair``: also rewrite the pointer. None when there is none."""
+    readable ``checkpoint-*.pth`` when the pointer is stale, missing or names an unreadable file
+    (temporary files are never candidates; empty, truncated or corrupt ones are skipped with a
+    warning naming them). ``repair``: also rewrite the pointer. None when there is none.
+
+    Raises:
+        CheckpointError: ``last_checkpoint`` names a file outside ``output_dir``.
+    """
     if not os.path.isdir(output_dir):
         return None
     name = repair_last_checkpoint(_PointerFile(output_dir, repair), rank=checkpoint_rank)
@@ -188,14 +202,21 @@ def prune_iteration_checkpoints(output_dir: str, keep: Optional[int]) -> List[st
 
 
 def load_pretrain_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` (official files carry an allow-listed
-    ``argparse.Namespace``; importing ``convmae_det`` registers it)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretraining checkpoint {path!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, Mapping) or "model" not in ckpt:
-        keys = list(ckpt)[:5] if isinstance(ckpt, Mapping) else type(ckpt).__name__
-        raise ValueError(f"{path}: expected a dict with a 'model' entry, found {keys}")
+    """Read a pretraining checkpoint with :func:`convmae_det.checkpoint.load_checkpoint_file`
+    (``weights_only``; official files carry an allow-listed ``argparse.Namespace``, registered by
+    importing ``convmae_det``).
+
+    Raises:
+        CheckpointError: missing, empty, truncated or corrupt file, a file whose unpickling
+            would run code (refused, nothing of it runs), or one without a ``model`` entry; the
+            message names the file.
+    """
+    ckpt = load_checkpoint_file(path)
+    if not isinstance(ckpt.get("model"), Mapping):
+        raise CheckpointError(
+            f"{path}: expected a pretraining checkpoint, a dict with a 'model' entry of "
+            f"weights; found the keys {list(ckpt)[:5]}"
+        )
     return ckpt
 
 

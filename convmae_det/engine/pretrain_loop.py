@@ -33,6 +33,7 @@ from .pretrain_checkpoint import save_pretrain_checkpoint
 from .pretrain_data import ImageFiles, build_pretrain_loader, build_pretrain_transform
 from .pretrain_data import iters_per_epoch, resolve_data_path
 from .reproducibility import derive_seed, resolve_run_seed, seed_everything
+from .resume import decide_on_main_process, drop_metrics_after, remove_leftover_temp_files
 
 __all__ = [
     "PRETRAIN_DEFAULTS",
@@ -237,14 +238,18 @@ class PretrainRunner:
         )
 
     def _resume(self) -> None:
-        """Restore from ``resume_from`` or the newest complete checkpoint of ``output_dir``."""
+        """Restore from ``resume_from`` or the newest readable checkpoint of ``output_dir``
+        (chosen on the main process: a stale or unreadable ``last_checkpoint`` is repaired).
+        Also removes the ``.tmp-*`` files of killed saves, and on a resume the
+        ``metrics.jsonl`` rows logged after the checkpoint (the resumed run logs them again)."""
+        if self.rank == 0:
+            remove_leftover_temp_files(self.out_dir)
         path = self.opt["resume_from"]
         if not path and self.opt["resume"]:
-            if self.rank == 0:  # a stale last_checkpoint (kill right after a rename) is repaired
-                find_last_checkpoint(self.out_dir, repair=True)
-            comm.synchronize()
-            path = find_last_checkpoint(self.out_dir)
+            path = decide_on_main_process(lambda: find_last_checkpoint(self.out_dir, repair=True))
         if not path:
+            if self.opt["resume"]:
+                self._drop_metrics_after(0)
             return
         point = restore_pretraining(
             path, model=self.model, optimizer=self.optimizer, scaler=self.scaler
@@ -268,6 +273,12 @@ class PretrainRunner:
         if self.start_iter >= self.iters:
             self.start_epoch, self.start_iter = self.start_epoch + 1, 0
         self.resumed_from = path
+        self._drop_metrics_after(self.start_epoch * self.iters + self.start_iter)
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Main process: drop the ``metrics.jsonl`` rows past ``step`` iterations done."""
+        if self.rank == 0:
+            drop_metrics_after(os.path.join(self.out_dir, "metrics.jsonl"), step, key="step")
 
     def _build_data(self) -> None:
         opt = self.opt

@@ -43,16 +43,23 @@ from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils.events import EventStorage
 
 from ..checkpoint import ConvMAECheckpointer
-from ..config import add_convmae_config
+from ..config import add_convmae_config, merge_config_file_safely
 from ..data.resumable_loader import ResumableTrainLoader
 from ..data.sem_seg_mapper import SemSegDatasetMapper, check_num_classes
 from .hooks import FiniteLossGuard, mean_over_processes, scaler_step
 from .reproducibility import IterationSeeder, derive_seed, resolve_run_seed
-from .resume import resume_newest
+from .resume import drop_metrics_after, remove_leftover_temp_files, resume_newest
 from .seg_solver import build_seg_lr_scheduler, build_seg_optimizer
 from .yacs_overrides import merge_checked_overrides
 
-__all__ = ["get_seg_cfg", "build_seg_train_loader", "do_seg_test", "do_seg_train", "AMP_DTYPES"]
+__all__ = [
+    "get_seg_cfg",
+    "build_seg_train_loader",
+    "check_seg_batch_norm",
+    "do_seg_test",
+    "do_seg_train",
+    "AMP_DTYPES",
+]
 
 logger = logging.getLogger("convmae_det")
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,7 +78,7 @@ def get_seg_cfg(config_file: str = "", opts: Optional[List[str]] = None) -> CfgN
     if config_file:
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"config file not found: {config_file}")
-        cfg.merge_from_file(config_file)
+        merge_config_file_safely(cfg, config_file)  # never runs code from the YAML
     if opts:
         merge_checked_overrides(cfg, opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -137,6 +144,43 @@ def build_seg_train_loader(cfg: CfgNode, *, seed: Optional[int] = None) -> Resum
     )
 
 
+_BATCH_NORMS = ("BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N")
+_SYNC_BATCH_NORMS = _BATCH_NORMS[1:]  # statistics over all processes
+_ONE_VALUE = "Expected more than 1 value per channel when training"
+
+
+def _one_image_advice(cfg: CfgNode, world_size: int) -> str:
+    """What to change when a BatchNorm sees one value per channel (one image per process)."""
+    head = cfg.MODEL.SEM_SEG_HEAD
+    fixes = [f"SOLVER.IMS_PER_BATCH >= {2 * world_size} ({2} images per process)"]
+    if head.NORM in _SYNC_BATCH_NORMS and world_size == 1:
+        fixes.append(f"{head.NORM} over 2 or more processes (--num-gpus)")
+    fixes.append("MODEL.SEM_SEG_HEAD.NORM GN")
+    processes = f"{world_size} process" + ("es" if world_size != 1 else "")
+    return (
+        f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} over {processes} puts 1 image per "
+        f"process through the BatchNorm (MODEL.SEM_SEG_HEAD.NORM={head.NORM}) after the 1x1 "
+        f"pyramid pooling (MODEL.SEM_SEG_HEAD.POOL_SCALES={list(head.POOL_SCALES)}), which "
+        f"needs more than 1 value per channel in training: use {' or '.join(fixes)}"
+    )
+
+
+def check_seg_batch_norm(cfg: CfgNode, world_size: int) -> None:
+    """Refuse (``ValueError`` naming the keys) a training run whose UperNet pyramid pooling would
+    meet PyTorch's "Expected more than 1 value per channel when training": a 1x1 pooling scale,
+    a BatchNorm head (``BN``; a synchronised one only in a single process) and
+    ``SOLVER.IMS_PER_BATCH / world_size == 1``."""
+    head = cfg.MODEL.SEM_SEG_HEAD
+    if head.NAME != "UperNetHead" or 1 not in list(head.POOL_SCALES):
+        return
+    if not isinstance(head.NORM, str) or head.NORM not in _BATCH_NORMS:
+        return
+    if head.NORM in _SYNC_BATCH_NORMS and world_size > 1:
+        return
+    if cfg.SOLVER.IMS_PER_BATCH // max(world_size, 1) == 1:
+        raise ValueError(_one_image_advice(cfg, world_size))
+
+
 def _norm_statistics(model: nn.Module) -> List[torch.Tensor]:
     """The running statistics of the BatchNorm layers (what a forward pass changes)."""
     return [
@@ -148,13 +192,19 @@ def _norm_statistics(model: nn.Module) -> List[torch.Tensor]:
 
 
 def _load_or_resume(checkpointer: ConvMAECheckpointer, weights: str, resume: bool) -> int:
-    """Load ``weights`` or, with ``resume``, the newest complete checkpoint with everything
-    needed to continue; returns the first iteration to run."""
+    """Load ``weights`` or, with ``resume``, the newest readable checkpoint with everything
+    needed to continue; returns the first iteration to run. The main process first removes the
+    ``.tmp-*`` files of killed saves and, on a resume, the ``metrics.json`` rows logged after the
+    checkpoint (call before the writers open it)."""
+    if comm.is_main_process():
+        remove_leftover_temp_files(checkpointer.save_dir)
     state = resume_newest(checkpointer) if resume else None
     if state is None:
         checkpointer.resume_or_load(weights, resume=False)
-        return 0
-    return state.get("iteration", -1) + 1
+    start = 0 if state is None else state.get("iteration", -1) + 1
+    if resume and comm.is_main_process():
+        drop_metrics_after(os.path.join(checkpointer.save_dir, "metrics.json"), start - 1)
+    return start
 
 
 def do_seg_train(cfg: CfgNode, model: nn.Module, *, resume: bool = False) -> nn.Module:
@@ -167,6 +217,7 @@ def do_seg_train(cfg: CfgNode, model: nn.Module, *, resume: bool = False) -> nn.
     """
     for name in cfg.DATASETS.TRAIN:
         check_num_classes(name, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+    check_seg_batch_norm(cfg, comm.get_world_size())
     model.train()
     device = next(model.parameters()).device
     optimizer = build_seg_optimizer(cfg, model)
@@ -216,7 +267,20 @@ def do_seg_train(cfg: CfgNode, model: nn.Module, *, resume: bool = False) -> nn.
 
             saved_stats = [b.clone() for b in norm_stats]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                loss_dict = model(data)
+                try:
+                    loss_dict = model(data)
+                except ValueError as exc:
+                    if _ONE_VALUE not in str(exc):
+                        raise
+                    world = comm.get_world_size()
+                    raise ValueError(
+                        f"a BatchNorm got 1 value per channel in training: "
+                        f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} over {world} "
+                        f"process(es) gives {cfg.SOLVER.IMS_PER_BATCH // world} image(s) per "
+                        "process; use at least 2 per process, or GN for the norm keys "
+                        "(MODEL.SEM_SEG_HEAD.NORM, MODEL.AUX_HEAD.NORM, MODEL.CONVVIT.E4_NORM) "
+                        f"(PyTorch: {exc})"
+                    ) from exc
             losses = sum(loss_dict.values())
             reduced = mean_over_processes(loss_dict)
             if guard.check(reduced, iteration):  # raises in "stop" mode

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -22,7 +23,9 @@ from ..modeling.decoder import patchify, unpatchify
 
 __all__ = [
     "COLUMNS",
+    "OFFICIAL_MODEL_NAMES",
     "load_pretrain_model",
+    "pretrain_model_kwargs",
     "reconstruct",
     "reconstruction_grid",
     "denormalize_patches",
@@ -35,27 +38,83 @@ _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 
 
-def load_pretrain_model(path: str, *, name: Optional[str] = None, **overrides: Any):
-    """Build the pretraining model of a checkpoint and load its weights.
+OFFICIAL_MODEL_NAMES: Dict[str, str] = {
+    "convmae_convvit_base_patch16": "convmae_b",
+    "convmae_convvit_base_patch16_dec512d8b": "convmae_b",
+    "fastconvmae_convvit_base_patch16": "fastconvmae_b",
+    "fastconvmae_convvit_base_patch16_dec512d8b": "fastconvmae_b",
+}
+"""``--model`` values of the official ConvMAE / FastConvMAE pretraining scripts (stored as
+``args.model`` in their checkpoints) -> our :func:`build_pretrain_model` names. The other sizes
+of those scripts (``convmae_convvit_small_patch16``, ``..._large_patch16``, ...) are recognised
+but have no builder here (convmae_det builds ConvMAE-Base)."""
+_OFFICIAL_FAMILY = re.compile(r"^(fast)?convmae_convvit_[a-z]+_patch\d+(_dec\w+)?$")
 
-    ``name`` (e.g. ``fastconvmae_toy``, ``convmae_b``) is read from the checkpoint's
-    ``args["model"]`` when our pretraining wrote it; official checkpoints need it given.
+
+def _official_args(args: Any) -> Dict[str, Any]:
+    """An official checkpoint's ``args`` (``argparse.Namespace`` or dict) as a dict."""
+    if isinstance(args, dict):
+        return args
+    return dict(vars(args)) if hasattr(args, "__dict__") else {}
+
+
+def pretrain_model_kwargs(path: str, args: Any, name: Optional[str] = None) -> Dict[str, Any]:
+    """The :func:`build_pretrain_model` keywords for a checkpoint's ``args``.
+
+    Our pretraining stores the model config (``args["model"]``, a dict with ``name``); official
+    files store the command line (``args.model`` such as ``convmae_convvit_base_patch16``, plus
+    ``norm_pix_loss``, ``input_size``, ``mask_ratio``), mapped with :data:`OFFICIAL_MODEL_NAMES`.
+    ``name`` (the tool's ``--model``) wins over both. Raises ValueError when no name is known.
     """
-    from ..engine.pretrain_checkpoint import load_pretrain_checkpoint
-    from ..modeling.pretrain import build_pretrain_model
+    from ..modeling.pretrain import PRETRAIN_ARCHS
 
-    ckpt = load_pretrain_checkpoint(path)
-    model_args = (ckpt.get("args") or {}).get("model") if isinstance(ckpt.get("args"), dict) else {}
+    args = _official_args(args)
+    model_args = args.get("model")
     kwargs: Dict[str, Any] = {}
-    if isinstance(model_args, dict):
+    if isinstance(model_args, dict):  # ours: the LazyCall of build_pretrain_model
         kwargs = {k: v for k, v in model_args.items() if not k.startswith("_")}
+    elif isinstance(model_args, str):  # an official command line
+        ours = model_args if model_args in PRETRAIN_ARCHS else None
+        ours = OFFICIAL_MODEL_NAMES.get(model_args, ours)
+        if ours is None and name is None and _OFFICIAL_FAMILY.match(model_args):
+            raise ValueError(
+                f"{path}: the checkpoint holds the official {model_args!r}, which convmae_det "
+                f"has no builder for (known: {sorted(PRETRAIN_ARCHS)})"
+            )
+        if ours is not None:
+            kwargs["name"] = ours
+        if isinstance(args.get("norm_pix_loss"), bool):
+            kwargs["norm_pix_loss"] = args["norm_pix_loss"]
+        if isinstance(args.get("input_size"), int):
+            kwargs["img_size"] = args["input_size"]
+        if isinstance(args.get("mask_ratio"), float):
+            kwargs["mask_ratio"] = args["mask_ratio"]
     if name is not None:
         kwargs["name"] = name
     if "name" not in kwargs:
         raise ValueError(
             f"{path}: the checkpoint does not say which pretraining model it holds "
-            f"(args['model'] = {model_args!r}); pass name= e.g. 'convmae_b' or 'fastconvmae_b'"
+            f"(args.model = {model_args!r}); pass --model NAME (tools/visualize_pretrain.py; "
+            f"name= in Python), one of {sorted(PRETRAIN_ARCHS)}"
         )
+    if kwargs["name"].startswith("fastconvmae") and isinstance(model_args, str):
+        kwargs.pop("mask_ratio", None)  # fixed by the number of complementary masks
+    return kwargs
+
+
+def load_pretrain_model(path: str, *, name: Optional[str] = None, **overrides: Any):
+    """Build the pretraining model of a checkpoint and load its weights.
+
+    The model is named by ``name`` (e.g. ``fastconvmae_toy``, ``convmae_b``) or else read from the
+    checkpoint: our pretraining's ``args["model"]``, or an official file's ``args.model``
+    (``convmae_convvit_base_patch16``, ``fastconvmae_convvit_base_patch16``; see
+    :func:`pretrain_model_kwargs`).
+    """
+    from ..engine.pretrain_checkpoint import load_pretrain_checkpoint
+    from ..modeling.pretrain import build_pretrain_model
+
+    ckpt = load_pretrain_checkpoint(path)
+    kwargs = pretrain_model_kwargs(path, ckpt.get("args") or {}, name)
     kwargs.update(overrides)
     model = build_pretrain_model(**kwargs)
     incompatible = model.load_state_dict(ckpt["model"], strict=False)
