@@ -1,17 +1,48 @@
-"""yacs config keys of convmae_det (``add_convmae_config``), for ``tools/plain_train_net.py``.
+"""yacs config keys of convmae_det (``add_convmae_config``), and the one safe way to read config
+files (:func:`merge_config_file_safely` for yacs, :func:`load_lazy_config_safely` for LazyConfig).
 
 Defaults reproduce the official ConvMAE-Base UperNet segmenter on ADE20K at 512x512; the config
 files under ``configs/ADE20K/`` set the rest (datasets, schedule). Calling
 :func:`add_convmae_config` also registers our backbone, heads and meta-architecture, so
 ``build_model(cfg)`` works right after it.
+
+Config files never run code. detectron2's ``CfgNode.merge_from_file`` defaults to
+``allow_unsafe=True`` (fvcore then retries a YAML tag it does not know with ``yaml.unsafe_load``)
+and ``LazyConfig.load`` reads a ``.yaml`` with ``yaml.unsafe_load``, so a tag such as
+``!!python/object/apply:os.system`` in a config, in a ``_BASE_`` it names or in a shared
+``output/config.yaml`` would run. Every config load of the project goes through the two functions
+here instead; a refused file gives :class:`UnsafeConfigError`, one line naming the file and the tag.
+A LazyConfig ``.py`` is Python code by design: read one before running it.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import os
+import re
+from typing import Any, Dict, Optional, Set
+
 import torch
+import yaml
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_convmae_config"]
+__all__ = [
+    "ConfigError",
+    "UnsafeConfigError",
+    "YAML_CALLABLE_MODULES",
+    "add_convmae_config",
+    "load_lazy_config_safely",
+    "merge_config_file_safely",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which and why."""
+
+
+class UnsafeConfigError(ConfigError):
+    """A config file refused because a part of it would run code when loaded or instantiated."""
 
 
 def add_convmae_config(cfg: CN) -> CN:
@@ -154,3 +185,286 @@ def add_convmae_config(cfg: CN) -> CN:
     # seed (the run stays reproducible). Batch i is a function of (SEED, i) in both cases.
     _c.DATALOADER.SKIP_BAD_SAMPLES = False
     return cfg
+
+
+# ------------------------------------------------------------------------------ safe loading
+_YAML_TAG_PREFIX = "tag:yaml.org,2002:"
+# tags whose unsafe construction imports a module or calls / instantiates something
+_CODE_TAGS = ("python/name:", "python/module:", "python/object:", "python/object/")
+_UNKNOWN_TAG = re.compile(r"could not determine a constructor for the tag '([^']*)'")
+
+
+def _short_tag(tag: str) -> str:
+    """``tag:yaml.org,2002:python/name:x`` -> ``!!python/name:x`` (as written in the file)."""
+    return "!!" + tag[len(_YAML_TAG_PREFIX) :] if tag.startswith(_YAML_TAG_PREFIX) else tag
+
+
+def _tag_refusal(path: str, tag: str, line: Optional[int]) -> str:
+    short = _short_tag(tag)
+    code = short.startswith("!!") and short[2:].startswith(_CODE_TAGS)
+    where = f" (line {line})" if line else ""
+    why = "would run code" if code else "is not a plain value"
+    return (
+        f"{path}: refused: the YAML tag '{short}'{where} {why}; "
+        "config files may only hold plain values"
+    )
+
+
+def _yaml_error_line(exc: yaml.YAMLError) -> Optional[int]:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    return mark.line + 1 if mark is not None else None
+
+
+def _yaml_error_file(exc: yaml.YAMLError, default: str) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    name = getattr(mark, "name", None)
+    return name if isinstance(name, str) and not name.startswith("<") else default
+
+
+def _not_valid_yaml(exc: yaml.YAMLError, path: str) -> ConfigError:
+    line = _yaml_error_line(exc)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" (line {line})" if line else ""
+    return ConfigError(f"{_yaml_error_file(exc, path)}: not valid YAML{where}: {problem}")
+
+
+def merge_config_file_safely(cfg: CN, path: str) -> CN:
+    """Merge the yacs config file ``path`` and its ``_BASE_`` files into ``cfg`` (in place; also
+    returned) without ever running code from them.
+
+    The one yacs file load of the project: ``cfg.merge_from_file(path, allow_unsafe=False)``.
+    fvcore then reads every file with ``yaml.safe_load`` and passes ``allow_unsafe=False`` on to
+    each ``_BASE_`` (and the bases of those); its only fallback, ``yaml.unsafe_load``, is behind
+    ``allow_unsafe``. Plain YAML configs resolve exactly as with detectron2's default merge.
+
+    Raises:
+        UnsafeConfigError: a YAML tag other than plain values (``!!python/...``), naming the file
+            that holds it (a base file if it is there), the tag and the line.
+        ConfigError: invalid YAML, or a ``_BASE_`` file that cannot be read.
+        KeyError, ValueError, AssertionError: from yacs, for keys or values that do not fit.
+    """
+    try:
+        cfg.merge_from_file(path, allow_unsafe=False)
+    except yaml.constructor.ConstructorError as exc:
+        found = _UNKNOWN_TAG.search(str(exc.problem or ""))
+        holder = _yaml_error_file(exc, path)
+        if found is None:
+            raise _not_valid_yaml(exc, path) from None
+        raise UnsafeConfigError(
+            _tag_refusal(holder, found.group(1), _yaml_error_line(exc))
+        ) from None
+    except yaml.YAMLError as exc:
+        raise _not_valid_yaml(exc, path) from None
+    except OSError as exc:
+        missing = exc.filename or str(exc)
+        raise ConfigError(f"{path}: cannot read config file {missing}: {exc.strerror}") from None
+    return cfg
+
+
+# Modules whose classes and functions a LazyConfig ``.yaml`` may name (``_target_``,
+# ``!!python/name``): what our configs build (models, data, optimizers, schedules, evaluators).
+# A name is checked where it resolves (``detectron2.data.common.pickle.loads`` is ``_pickle``'s),
+# after importing only modules of these packages. Anything else needs a ``.py`` config.
+YAML_CALLABLE_MODULES = (
+    "convmae_det.modeling",
+    "convmae_det.data",
+    "convmae_det.solver",
+    "convmae_det.engine.optim",
+    "convmae_det.engine.detection_eval",
+    "detectron2.modeling",
+    "detectron2.layers",
+    "detectron2.data",
+    "detectron2.solver",
+    "detectron2.evaluation",
+    "fvcore.common.param_scheduler",
+    "torch.nn",
+    "torch.optim",
+)
+_IMPORTABLE_PACKAGES = {m.split(".")[0] for m in YAML_CALLABLE_MODULES}
+# arguments of allowed callables that make detectron2 read a file with pickle.load (proposals:
+# ``get_detection_dataset_dicts(proposal_files=)``, ``load_proposals_into_dataset``, and a
+# ``cfg=`` passed to a ``@configurable`` loader)
+_PICKLED_FILE_KEYS = (
+    "proposal_files",
+    "proposal_file",
+    "PROPOSAL_FILES_TRAIN",
+    "PROPOSAL_FILES_TEST",
+)
+_RESOLVER_CALL = re.compile(r"\$\{\s*[A-Za-z_][\w.]*\s*:")
+
+
+def _in_callable_modules(module: Any) -> bool:
+    return isinstance(module, str) and any(
+        module == m or module.startswith(m + ".") for m in YAML_CALLABLE_MODULES
+    )
+
+
+def _resolve_callable(name: str, path: str, what: str) -> Any:
+    """The class / function ``name`` if it lives in :data:`YAML_CALLABLE_MODULES`; else
+    :class:`UnsafeConfigError` naming ``what`` (where in ``path`` it was found)."""
+    refusal = UnsafeConfigError(
+        f"{path}: refused: {what} names '{name}', which is not in the modules a .yaml config may "
+        f"call ({', '.join(YAML_CALLABLE_MODULES)}); anything else needs a .py config"
+    )
+    if name.split(".")[0] not in _IMPORTABLE_PACKAGES:
+        raise refusal  # checked before importing anything
+    from detectron2.utils.registry import locate
+
+    try:
+        obj = locate(name)
+    except Exception:
+        raise ConfigError(f"{path}: {what} names '{name}', which cannot be found") from None
+    if not (inspect.isclass(obj) or inspect.isroutine(obj)):
+        raise refusal
+    if not _in_callable_modules(getattr(obj, "__module__", None)):
+        raise refusal
+    return obj
+
+
+class _LazyYamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` plus exactly the Python forms ``LazyConfig.save`` writes for our
+    configs, each built without running anything: ``!!python/tuple``, ``!!python/name`` of a
+    class / function in :data:`YAML_CALLABLE_MODULES`, detectron2's ``ShapeSpec`` and
+    ``functools.partial`` of such a name. Every other tag is refused."""
+
+
+def _refuse_tag(loader: _LazyYamlLoader, node: yaml.Node) -> Any:
+    raise UnsafeConfigError(_tag_refusal(loader.name, node.tag, node.start_mark.line + 1))
+
+
+def _construct_tuple(loader: _LazyYamlLoader, node: yaml.Node) -> tuple:
+    if not isinstance(node, yaml.SequenceNode):
+        _refuse_tag(loader, node)
+    return tuple(loader.construct_sequence(node, deep=True))
+
+
+def _construct_name(loader: _LazyYamlLoader, suffix: str, node: yaml.Node) -> Any:
+    if not isinstance(node, yaml.ScalarNode) or loader.construct_scalar(node):
+        _refuse_tag(loader, node)
+    line = node.start_mark.line + 1
+    return _resolve_callable(
+        suffix, loader.name, f"the YAML tag '!!python/name:{suffix}' (line {line})"
+    )
+
+
+def _construct_shape_spec(loader: _LazyYamlLoader, node: yaml.Node) -> Any:
+    from detectron2.layers import ShapeSpec
+
+    fields = (
+        loader.construct_mapping(node, deep=True) if isinstance(node, yaml.MappingNode) else None
+    )
+    allowed = {"channels", "height", "width", "stride"}
+    if not isinstance(fields, dict) or not set(fields) <= allowed:
+        _refuse_tag(loader, node)
+    if not all(
+        v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in fields.values()
+    ):
+        _refuse_tag(loader, node)
+    return ShapeSpec(**fields)
+
+
+def _construct_partial(loader: _LazyYamlLoader, node: yaml.Node) -> functools.partial:
+    """``functools.partial(func, *args, **kwds)`` as ``yaml.dump`` writes it (``args: [func]``,
+    ``state: (func, args, kwds, None)``); ``func`` can only come from a checked ``!!python/name``
+    (or another partial), the arguments from plain values."""
+    if not isinstance(node, yaml.MappingNode):
+        _refuse_tag(loader, node)
+    spec = loader.construct_mapping(node, deep=True)
+    if not set(spec) <= {"args", "kwds", "state"}:
+        _refuse_tag(loader, node)
+    args, kwds, state = (
+        list(spec.get("args") or []),
+        dict(spec.get("kwds") or {}),
+        spec.get("state"),
+    )
+    if state is not None:
+        if not (isinstance(state, tuple) and len(state) == 4) or state[3]:
+            _refuse_tag(loader, node)  # a partial's own __dict__ is never written for our configs
+        args = [state[0], *(state[1] or ())]
+        kwds = dict(state[2] or {})
+    if not args or not callable(args[0]) or not all(isinstance(k, str) for k in kwds):
+        _refuse_tag(loader, node)
+    return functools.partial(args[0], *args[1:], **kwds)
+
+
+_LazyYamlLoader.add_constructor(_YAML_TAG_PREFIX + "python/tuple", _construct_tuple)
+_LazyYamlLoader.add_multi_constructor(_YAML_TAG_PREFIX + "python/name:", _construct_name)
+_LazyYamlLoader.add_constructor(
+    _YAML_TAG_PREFIX + "python/object:detectron2.layers.shape_spec.ShapeSpec", _construct_shape_spec
+)
+_LazyYamlLoader.add_constructor(
+    _YAML_TAG_PREFIX + "python/object/apply:functools.partial", _construct_partial
+)
+_LazyYamlLoader.add_constructor(None, _refuse_tag)  # every other tag
+
+
+def _check_lazy_values(node: Any, path: str, key: str, seen: Set[int]) -> None:
+    """Refuse what would run code when a loaded ``.yaml`` LazyConfig is instantiated: a
+    ``_target_`` outside :data:`YAML_CALLABLE_MODULES` or not written out, and OmegaConf resolver
+    calls (``${oc.create:...}`` builds nodes, ``_target_`` included, when resolved), and
+    proposal files (detectron2 unpickles them)."""
+    if id(node) in seen:
+        return
+    if isinstance(node, (dict, list, tuple)):
+        seen.add(id(node))
+    if isinstance(node, dict):
+        for k, v in node.items():
+            sub = f"{key}.{k}" if key else str(k)
+            if k == "_target_" and isinstance(v, str):
+                if "${" in v:
+                    raise UnsafeConfigError(
+                        f"{path}: refused: '_target_' at key '{key or '<root>'}' is the "
+                        f"interpolation {v!r}; a .yaml config must name its targets literally"
+                    )
+                _resolve_callable(v, path, f"'_target_' at key '{key or '<root>'}'")
+            if k in _PICKLED_FILE_KEYS and v:
+                raise UnsafeConfigError(
+                    f"{path}: refused: key '{sub}' names proposal files, which detectron2 reads "
+                    "with pickle (that can run code); set it in a .py config"
+                )
+            _check_lazy_values(v, path, sub, seen)
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _check_lazy_values(v, path, f"{key}[{i}]", seen)
+    elif isinstance(node, str) and _RESOLVER_CALL.search(node):
+        raise UnsafeConfigError(
+            f"{path}: refused: key '{key}' calls an OmegaConf resolver ({node[:60]!r}); a .yaml "
+            "config may only use plain ${key} references"
+        )
+
+
+def load_lazy_config_safely(path: str) -> Any:
+    """Load a LazyConfig file as ``LazyConfig.load(path)`` does, without running code from a YAML
+    file: the one LazyConfig file load of the project.
+
+    * ``.py``: ``LazyConfig.load`` — a Python config is code by design (read it before running).
+    * ``.yaml`` / ``.yml`` (e.g. a run's ``config.yaml`` written by ``LazyConfig.save``): read with
+      :class:`_LazyYamlLoader` instead of ``yaml.unsafe_load``; every ``_target_`` must be a class
+      or function of :data:`YAML_CALLABLE_MODULES` and no value may call an OmegaConf resolver.
+      The result is the ``DictConfig`` (``allow_objects``) ``LazyConfig.load`` would give.
+
+    Raises:
+        UnsafeConfigError: naming the file, the tag / key and why.
+        ConfigError: another extension, invalid YAML, or not a mapping at the top level.
+    """
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".py":
+        from detectron2.config import LazyConfig
+
+        return LazyConfig.load(path)
+    if ext not in (".yaml", ".yml"):
+        raise ConfigError(f"{path}: a LazyConfig file must be a .py or a .yaml file")
+    from omegaconf import OmegaConf
+
+    with open(path, encoding="utf-8") as f:
+        try:
+            obj = yaml.load(f, Loader=_LazyYamlLoader)  # a restricted SafeLoader, see above
+        except yaml.YAMLError as exc:
+            raise _not_valid_yaml(exc, path) from None
+    obj = {} if obj is None else obj
+    if not isinstance(obj, dict):
+        raise ConfigError(
+            f"{path}: a LazyConfig .yaml must hold a mapping, not {type(obj).__name__}"
+        )
+    _check_lazy_values(obj, path, "", set())
+    return OmegaConf.create(obj, flags={"allow_objects": True})

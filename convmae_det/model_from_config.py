@@ -1,5 +1,9 @@
 """Load a LazyConfig (``.py``) or yacs (``.yaml``) config and build its model, with errors that
-name the file and the offending override. Shared by the conversion, demo and benchmark tools."""
+name the file and the offending override. Shared by the conversion, demo and benchmark tools.
+
+Files are read through :func:`convmae_det.config.load_lazy_config_safely` and
+:func:`convmae_det.config.merge_config_file_safely`: a YAML file never runs code (a LazyConfig
+``.py`` is Python code by design)."""
 
 from __future__ import annotations
 
@@ -8,11 +12,9 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
+from .config import ConfigError, load_lazy_config_safely, merge_config_file_safely
+
 __all__ = ["ConfigError", "load_any_config", "build_model_from_config", "config_kind"]
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says which and why."""
 
 
 def config_kind(path: str) -> str:
@@ -37,7 +39,7 @@ def load_any_config(path: str, opts: Optional[Sequence[str]] = None) -> Tuple[An
     if kind == "lazy":
         from detectron2.config import LazyConfig
 
-        cfg = LazyConfig.load(path)
+        cfg = load_lazy_config_safely(path)
         for opt in opts:
             key = opt.split("=", 1)[0]
             if "=" not in opt:
@@ -58,8 +60,10 @@ def load_any_config(path: str, opts: Optional[Sequence[str]] = None) -> Tuple[An
     add_convmae_config(cfg)
     cfg.set_new_allowed(False)
     try:
-        cfg.merge_from_file(path)
-    except KeyError as exc:
+        merge_config_file_safely(cfg, path)
+    except ConfigError:
+        raise
+    except (KeyError, ValueError, AssertionError) as exc:  # yacs: unknown key, value type
         raise ConfigError(f"{path}: {exc}") from None
     pairs: List[str] = []
     for opt in opts:

@@ -25,6 +25,8 @@ from detectron2.utils import comm
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ..config import load_lazy_config_safely
+
 __all__ = [
     "load_lazy_config",
     "check_override_keys",
@@ -182,10 +184,12 @@ def check_override_types(cfg: DictConfig, overrides: Sequence[str], source: str 
 
 
 def load_lazy_config(path: str, overrides: Optional[Sequence[str]] = None) -> DictConfig:
-    """``LazyConfig.load(path)`` followed by checked ``key=value`` overrides."""
+    """``LazyConfig.load(path)`` followed by checked ``key=value`` overrides. The file is read by
+    :func:`convmae_det.config.load_lazy_config_safely`: a ``.yaml`` (e.g. a run's saved
+    ``config.yaml``) never runs code; a ``.py`` is Python code by design."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
-    cfg = LazyConfig.load(path)
+    cfg = load_lazy_config_safely(path)
     overrides = list(overrides or [])
     check_override_keys(cfg, overrides, source=path)
     check_override_types(cfg, overrides, source=path)
