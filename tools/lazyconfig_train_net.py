@@ -10,9 +10,18 @@ Examples::
     python tools/lazyconfig_train_net.py --config-file CFG --eval-only train.init_checkpoint=W.pth
     # continue an interrupted run from the last checkpoint in train.output_dir
     python tools/lazyconfig_train_net.py --config-file CFG --resume
-    # the toy detector on the CPU, 2 processes (gloo)
+    # the toy detector on the CPU (toy COCO generated on first use); then 2 processes (gloo)
+    python tools/lazyconfig_train_net.py --config-file configs/toy/mask_rcnn_convvitdet_toy.py
     python tools/lazyconfig_train_net.py --config-file configs/toy/mask_rcnn_convvitdet_toy.py \\
         --num-gpus 2
+    # overrides: a short run into another folder, evaluated on the small toy split
+    python tools/lazyconfig_train_net.py --config-file configs/toy/mask_rcnn_convvitdet_toy.py \\
+        train.max_iter=200 train.output_dir=output/toy_short \\
+        dataloader.test.dataset.names=toy_coco_mini
+    # evaluate only, on the toy split (--eval-only does not need the training set)
+    python tools/lazyconfig_train_net.py --eval-only \\
+        --config-file configs/COCO/mask_rcnn_convvitdet_b_25ep.py \\
+        train.init_checkpoint=W.pth dataloader.test.dataset.names=toy_coco_val
 
 ``key=value`` overrides after the flags change the config; unknown keys are refused. Without
 CUDA the run uses the CPU (``--num-gpus N`` then starts N CPU processes on gloo). Checkpoints
@@ -34,7 +43,7 @@ import convmae_det  # noqa: E402,F401  (compatibility fixes, dataset registratio
 import convmae_det.data  # noqa: E402,F401
 from convmae_det.engine import (  # noqa: E402
     check_datasets,
-    dataset_names_in_config,
+    datasets_to_check,
     default_lazy_setup,
     lazy_eval_only,
     lazy_train,
@@ -74,14 +83,25 @@ def main(args) -> dict:
 
 
 def preflight(args) -> None:
-    """Refuse bad overrides (unknown keys, wrong types) and missing datasets before any process is
+    """Refuse bad overrides (unknown keys, wrong types), missing datasets (with ``--eval-only``
+    only the test datasets: the training set is not read) and a missing local
+    ``train.init_checkpoint`` (except when training with ``--resume``) before any process is
     started."""
     cfg = load_lazy_config(args.config_file, args.opts)
-    check_datasets(dataset_names_in_config(cfg))
+    check_datasets(datasets_to_check(cfg, eval_only=args.eval_only))
+    weights = str(cfg.train.get("init_checkpoint", "") or "")
+    needed = args.eval_only or not args.resume  # lazy_eval_only always loads it
+    if weights and "://" not in weights and needed and not os.path.isfile(weights):
+        raise FileNotFoundError(f"train.init_checkpoint: no such checkpoint file: {weights}")
+
+
+def output_dir(args) -> str:
+    """The folder the run writes (``train.output_dir``), held by one live run at a time."""
+    return load_lazy_config(args.config_file, args.opts).train.get("output_dir", "")
 
 
 def invoke_main() -> None:
-    launch_tool(main, build_parser().parse_args(), preflight=preflight)
+    launch_tool(main, build_parser().parse_args(), preflight=preflight, output_dir=output_dir)
 
 
 if __name__ == "__main__":

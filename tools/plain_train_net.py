@@ -1,10 +1,21 @@
 #!/usr/bin/env python
 """Train or evaluate a convmae_det semantic segmenter (UperNet + ConvViT) from a yacs config.
 
-    python tools/plain_train_net.py --config-file configs/ADE20K/upernet_convmae_b_512_160k.yaml \
+Examples::
+
+    # the toy segmenter on the CPU (toy ADE20K generated on first use); then 2 processes (gloo)
+    python tools/plain_train_net.py --config-file configs/ADE20K/upernet_convmae_toy.yaml
+    python tools/plain_train_net.py --config-file configs/ADE20K/upernet_convmae_toy.yaml \\
+        --num-gpus 2 OUTPUT_DIR output/upernet_toy_2proc
+    # overrides: a short run into another folder
+    python tools/plain_train_net.py --config-file configs/ADE20K/upernet_convmae_toy.yaml \\
+        SOLVER.MAX_ITER 100 SOLVER.IMS_PER_BATCH 4 OUTPUT_DIR output/upernet_toy_short
+    # ADE20K, 8 GPUs, from a ConvMAE pretraining checkpoint
+    python tools/plain_train_net.py --config-file configs/ADE20K/upernet_convmae_b_512_160k.yaml \\
         --num-gpus 8 MODEL.WEIGHTS convmae_base.pth
+    # evaluate weights; continue an interrupted run from the newest checkpoint in OUTPUT_DIR
     python tools/plain_train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model_final.pth
-    python tools/plain_train_net.py --config-file CFG --resume          # continue OUTPUT_DIR
+    python tools/plain_train_net.py --config-file CFG --resume
 
 Flags are detectron2's (``--config-file --resume --eval-only --num-gpus --num-machines
 --machine-rank --dist-url`` + trailing ``KEY VALUE`` overrides). Without CUDA, ``--num-gpus N``
@@ -59,14 +70,34 @@ def main(args):
 
 def preflight(args) -> None:
     """Refuse a missing config file, an unknown key or a value of the wrong type in the
-    overrides with one line (``error: ...``, exit code 2) before any process is started."""
-    get_seg_cfg(args.config_file, args.opts)
+    overrides, and an unregistered or missing dataset (naming the expected folder and the prepare
+    script), with one line (``error: ...``, exit code 2) before any process is started or any
+    model is built. Toy datasets are generated here, once."""
+    from convmae_det.engine.config import check_datasets
+    from detectron2.data import DatasetCatalog
+
+    cfg = get_seg_cfg(args.config_file, args.opts)
+    if not args.eval_only:  # 1 image per process through a BatchNorm after 1x1 pooling
+        from convmae_det.engine.seg_train_loop import check_seg_batch_norm
+
+        world = int(os.environ.get("WORLD_SIZE", 0)) or args.num_gpus * args.num_machines
+        check_seg_batch_norm(cfg, world)
+    names = [] if args.eval_only else [(n, "DATASETS.TRAIN") for n in cfg.DATASETS.TRAIN]
+    names += [(n, "DATASETS.TEST") for n in cfg.DATASETS.TEST]
+    check_datasets([(n, k) for n, k in names if n not in DatasetCatalog.list()])  # unregistered
+    for name in dict.fromkeys(n for n, _ in names):
+        DatasetCatalog.get(name)  # the dataset's own check: folder and prepare script named
+
+
+def output_dir(args) -> str:
+    """The folder the run writes (``OUTPUT_DIR``), held by one live run at a time."""
+    return get_seg_cfg(args.config_file, args.opts).OUTPUT_DIR
 
 
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    args = default_argument_parser(epilog=__doc__).parse_args()
     print("Command Line Args:", args)
-    launch_tool(main, args, preflight=preflight)
+    launch_tool(main, args, preflight=preflight, output_dir=output_dir)
 
 
 if __name__ == "__main__":

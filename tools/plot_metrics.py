@@ -2,6 +2,10 @@
 """Plot a training run's curves (losses, lr, AP / mIoU against the iteration) as PNGs.
 
 python tools/plot_metrics.py OUTPUT_DIR [--output DIR]
+
+OUTPUT_DIR is a training output folder with ``metrics.json`` (detection, segmentation) or
+``metrics.jsonl`` (pretraining), or that file. A folder without one, or a file without values to
+plot, is refused with one line (exit code 2).
 """
 
 import argparse
@@ -19,7 +23,12 @@ def main(argv=None) -> int:
     from convmae_det.visualization.curves import plot_metrics
 
     folder = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
-    for path in plot_metrics(args.run, args.output or os.path.join(folder, "plots")):
+    try:
+        paths = plot_metrics(args.run, args.output or os.path.join(folder, "plots"))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(path)
     return 0
 

@@ -2,9 +2,11 @@
 
 from .checkpointer import ConvMAECheckpointer
 from .convert import (
+    MIN_ENCODER_COVERAGE,
     CheckpointReport,
     convert_checkpoint,
     detect_format,
+    encoder_coverage,
     extract_encoder,
     find_encoder_prefix,
     register_key_mapper,
@@ -16,8 +18,10 @@ __all__ = [
     "CheckpointError",
     "CheckpointReport",
     "ConvMAECheckpointer",
+    "MIN_ENCODER_COVERAGE",
     "convert_checkpoint",
     "detect_format",
+    "encoder_coverage",
     "extract_encoder",
     "find_encoder_prefix",
     "load_checkpoint_file",

@@ -25,7 +25,7 @@ import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -41,6 +41,8 @@ __all__ = [
     "find_encoder_prefix",
     "convert_checkpoint",
     "extract_encoder",
+    "encoder_coverage",
+    "MIN_ENCODER_COVERAGE",
     "register_key_mapper",
 ]
 
@@ -402,6 +404,33 @@ def convert_checkpoint(
             f"keys.\n{report.summary()}"
         )
     return out, report
+
+
+MIN_ENCODER_COVERAGE = 0.5
+"""Below this fraction of the target encoder's tensors loaded, ``tools/convert_checkpoint.py``
+refuses to write the result (a checkpoint that matches nothing would otherwise give a file of
+fresh weights and exit 0); ``--allow-partial`` writes it anyway."""
+
+
+def encoder_coverage(report: CheckpointReport, model_keys: Iterable[str]) -> Tuple[int, int, str]:
+    """How much of the target's encoder a conversion filled.
+
+    Args:
+        report: what :func:`convert_checkpoint` returned for the model.
+        model_keys: the model's ``state_dict()`` keys.
+    Returns:
+        ``(loaded, total, scope)``: tensors of the encoder (keys under the prefix of
+        ``patch_embed1.proj.weight`` / ``patch_embed.proj.weight``; the whole model when it has
+        no such encoder) taken from the checkpoint, how many the encoder has (BatchNorm counters
+        excluded), and a name for the scope (e.g. ``"encoder backbone.bottom_up.*"``).
+    """
+    keys = [k for k in model_keys if not k.endswith("num_batches_tracked")]
+    prefix, _ = find_encoder_prefix(keys)
+    if prefix is not None:
+        keys = [k for k in keys if k.startswith(prefix)]
+    scope = "model" if prefix is None else f"encoder {prefix}*" if prefix else "encoder"
+    loaded = len(set(report.loaded) & set(keys))
+    return loaded, len(keys), scope
 
 
 def _has_same_kind(src: Mapping[str, Any], rel: str) -> bool:

@@ -9,7 +9,14 @@ from .config import (
     default_lazy_setup,
     load_lazy_config,
 )
-from .lazy import build_checkpointer, lazy_eval_only, lazy_test, lazy_train, load_weights
+from .lazy import (
+    build_checkpointer,
+    datasets_to_check,
+    lazy_eval_only,
+    lazy_test,
+    lazy_train,
+    load_weights,
+)
 from .optim import NORM_MODULE_TYPES, get_param_groups
 from .trainer import (
     AMP_DTYPES,
@@ -31,6 +38,7 @@ __all__ = [
     "check_override_types",
     "count_parameters",
     "dataset_names_in_config",
+    "datasets_to_check",
     "default_lazy_setup",
     "get_param_groups",
     "lazy_eval_only",

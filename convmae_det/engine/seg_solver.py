@@ -5,10 +5,17 @@ embeddings / pos_embed / conv stages -> layer 0, ``blocks3.i`` -> i + 1, E4 adap
 the top) and no weight decay on 1-D parameters (norms, biases, layer scale) nor on position and
 relative-position tables. Schedule "WarmupPolyLR": linear warm-up from ``WARMUP_FACTOR`` then
 ``(1 - it / max_iter) ** POLY_LR_POWER`` (mmseg ``poly`` with ``min_lr`` 0).
+
+A warm-up longer than half the run (``SOLVER.WARMUP_ITERS > SOLVER.MAX_ITER // 2``, e.g. a short
+test run of a recipe with 1500 warm-up iterations) is shortened to ``MAX_ITER // 2`` with a
+warning: the warm-up ramps towards the decayed value at its end, so one covering the whole run
+would keep the lr at about ``BASE_LR * WARMUP_FACTOR`` (1e-10 for the ADE20K recipe). With half
+the run the peak is ``0.5 ** POLY_LR_POWER`` of ``BASE_LR``.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, List
 
 import torch
@@ -20,7 +27,14 @@ from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
 from ..solver import get_convvit_lr_decay_rate, is_no_weight_decay
 
-__all__ = ["get_layer_decay_param_groups", "build_seg_optimizer", "build_seg_lr_scheduler"]
+__all__ = [
+    "get_layer_decay_param_groups",
+    "build_seg_optimizer",
+    "build_seg_lr_scheduler",
+    "effective_warmup_iters",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -87,13 +101,31 @@ def build_seg_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=s.BASE_LR, betas=tuple(s.BETAS))
 
 
+def effective_warmup_iters(warmup_iters: int, max_iter: int) -> int:
+    """The warm-up length used for a run of ``max_iter`` iterations: ``warmup_iters``, at most
+    ``max_iter // 2`` (see the module doc)."""
+    return max(0, min(int(warmup_iters), int(max_iter) // 2))
+
+
 def build_seg_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):
-    """ "WarmupPolyLR" (see module doc) or any detectron2 scheduler name."""
+    """ "WarmupPolyLR" (see module doc) or any detectron2 scheduler name; a warm-up longer than
+    half of ``SOLVER.MAX_ITER`` is shortened to it, with a warning naming both keys."""
     s = cfg.SOLVER
+    warmup_iters = effective_warmup_iters(s.WARMUP_ITERS, s.MAX_ITER)
+    if warmup_iters < s.WARMUP_ITERS:
+        logger.warning(
+            f"SOLVER.WARMUP_ITERS={s.WARMUP_ITERS} is more than half of SOLVER.MAX_ITER="
+            f"{s.MAX_ITER}: the warm-up is shortened to {warmup_iters} iterations (a warm-up over "
+            "the whole run would keep the lr near BASE_LR * WARMUP_FACTOR)"
+        )
     if s.LR_SCHEDULER_NAME != "WarmupPolyLR":
+        if warmup_iters < s.WARMUP_ITERS:
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.SOLVER.WARMUP_ITERS = warmup_iters
         return d2_build_lr_scheduler(cfg, optimizer)
     sched = PolynomialDecayParamScheduler(1.0, s.POLY_LR_POWER)
-    warmup = min(s.WARMUP_ITERS / max(s.MAX_ITER, 1), 1.0)
+    warmup = warmup_iters / max(s.MAX_ITER, 1)
     if warmup > 0:
         sched = WarmupParamScheduler(sched, s.WARMUP_FACTOR, warmup, s.WARMUP_METHOD)
     return LRMultiplier(optimizer, multiplier=sched, max_iter=s.MAX_ITER)
