@@ -57,17 +57,27 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     import numpy as np
     import tqdm
-    from detectron2.data.detection_utils import read_image
     from PIL import Image
 
     from convmae_det.visualization.overlay import draw_prediction
-    from convmae_det.visualization.predictor import Predictor
+    from convmae_det.visualization.predictor import (
+        Predictor,
+        UnreadableImageError,
+        read_input_image,
+        unreadable_inputs_summary,
+    )
 
     if not args.input and not args.video_input:
         raise SystemExit("give --input images/folders/globs or --video-input FILE")
-    predictor = Predictor(
-        config_file=args.config_file, opts=args.opts, weights=args.weights, device=args.device
-    )
+    from convmae_det.model_from_config import ConfigError
+
+    try:
+        predictor = Predictor(
+            config_file=args.config_file, opts=args.opts, weights=args.weights, device=args.device
+        )
+    except ConfigError as exc:  # a bad / refused config file: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     draw_kw = dict(
         confidence_threshold=args.confidence_threshold,
         alpha=args.mask_alpha,
@@ -78,13 +88,21 @@ def main(argv=None) -> int:
     def draw(rgb):
         return draw_prediction(rgb, predictor(rgb), predictor.metadata, **draw_kw)
 
+    status = 0
     if args.input:
         files = _expand(args.input)
         single = len(files) == 1 and args.output and os.path.splitext(args.output)[1]
         if not single:
             os.makedirs(args.output or "demo_pictures", exist_ok=True)
+        skipped = []  # an unreadable input is named, skipped, and counted at the end
         for path in tqdm.tqdm(files, disable=len(files) < 2):
-            picture = draw(read_image(path, format="RGB"))
+            try:
+                rgb = read_input_image(path)
+            except UnreadableImageError as exc:
+                tqdm.tqdm.write(f"warning: skipped {path}: {exc.reason} ({exc.detail})", sys.stderr)
+                skipped.append((path, exc.reason))
+                continue
+            picture = draw(rgb)
             out = (
                 args.output
                 if single
@@ -96,6 +114,11 @@ def main(argv=None) -> int:
             Image.fromarray(np.asarray(picture)).save(out)
             if len(files) < 2:
                 print(f"wrote {out}")
+        if skipped:
+            print(unreadable_inputs_summary(skipped, len(files)), file=sys.stderr)
+        if len(skipped) == len(files):  # nothing drawn
+            print(f"error: no input could be drawn ({len(files)} given)", file=sys.stderr)
+            status = 2
     if args.video_input:
         import cv2
 
@@ -119,7 +142,7 @@ def main(argv=None) -> int:
         if writer is not None:
             writer.release()
         print(f"wrote {out}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from detectron2.config import LazyCall as L
 
 from convmae_det.data.detection_mapper import DetectionDatasetMapper
 from convmae_det.data.resumable_loader import build_resumable_train_loader
+from convmae_det.engine.detection_eval import CheckedCOCOEvaluator, build_checked_test_loader
 
 image_size = 192
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
@@ -32,3 +33,10 @@ dataloader.train.num_workers = 0
 dataloader.test.dataset.names = "toy_coco_val"
 dataloader.test.mapper.augmentations = []
 dataloader.test.num_workers = 0
+# test images that cannot be read stop evaluation naming the file (exit code 2);
+# skip_bad_samples=True leaves them out of the metrics and reports skipped_test_images
+dataloader.test._target_ = build_checked_test_loader
+dataloader.test.skip_bad_samples = False
+dataloader.test.mapper._target_ = DetectionDatasetMapper
+# COCO evaluation of a cleaned ground truth when the json has malformed annotations (named)
+dataloader.evaluator._target_ = CheckedCOCOEvaluator

@@ -9,16 +9,25 @@ own size.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 
+from ..data.detection_mapper import UnreadableImageError, read_image_checked
 from ..model_from_config import build_model_from_config, load_any_config
 
-__all__ = ["Predictor", "test_augmentations", "test_metadata", "input_format"]
+__all__ = [
+    "Predictor",
+    "UnreadableImageError",
+    "input_format",
+    "read_input_image",
+    "test_augmentations",
+    "test_metadata",
+    "unreadable_inputs_summary",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +37,20 @@ def input_format(cfg: Any, kind: str) -> str:
     if kind == "lazy":
         return str(cfg.model.get("input_format", "BGR"))
     return str(cfg.INPUT.FORMAT)
+
+
+def read_input_image(path: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image file, EXIF orientation applied (detectron2's
+    ``read_image``). Raises :class:`UnreadableImageError` naming the file and the cause
+    (``reason``: "truncated", "not an image", "missing", ...)."""
+    return read_image_checked(path, "RGB")
+
+
+def unreadable_inputs_summary(skipped: Sequence[Tuple[str, str]], total: int) -> str:
+    """``"2 of 7 inputs could not be read: a.jpg (truncated), b.txt (not an image)"`` for the
+    (path, reason) of the skipped inputs out of ``total``."""
+    listed = ", ".join(f"{path} ({reason})" for path, reason in skipped)
+    return f"{len(skipped)} of {total} inputs could not be read: {listed}"
 
 
 def _is_semantic_yacs(cfg: Any) -> bool:

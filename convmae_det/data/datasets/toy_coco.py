@@ -32,10 +32,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets.coco import load_coco_json
 from PIL import Image, ImageDraw
 from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.ops import unary_union
+
+from ..annotation_checks import load_coco_json_checked
 
 __all__ = [
     "TOY_CLASSES",
@@ -315,7 +316,7 @@ def _load(name: str) -> List[dict]:
     meta = MetadataCatalog.get(name)
     root = os.path.dirname(os.path.dirname(meta.json_file))
     json_file, image_root = ensure_toy_split(name, root)
-    return load_coco_json(json_file, image_root, name)
+    return load_coco_json_checked(json_file, image_root, name)  # names bad annotations
 
 
 def register_toy_coco(names: Sequence[str] = tuple(TOY_SPLITS), root: Optional[str] = None) -> None:
