@@ -37,6 +37,7 @@ from convmae_det.checkpoint import (  # noqa: E402
     load_checkpoint_file,
     save_checkpoint_atomic,
 )
+from convmae_det.engine.preflight import check_output_dir  # noqa: E402
 from convmae_det.model_from_config import (  # noqa: E402
     ConfigError,
     build_model_from_config,
@@ -68,6 +69,7 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)
 
     try:
+        check_output_dir("DST", os.path.dirname(os.path.abspath(args.dst)))
         ckpt = load_checkpoint_file(args.src, allow_unsafe=args.unsafe_load)
         if args.config_file:
             cfg, kind = load_any_config(args.config_file, args.opts)
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
             coverage = encoder_coverage(report, model.state_dict().keys())
         else:
             state, report = extract_encoder(ckpt, source=args.src)
-    except (CheckpointError, ConfigError) as exc:
+    except (CheckpointError, ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report.summary(max_keys=20))

@@ -85,14 +85,17 @@ def main(args) -> dict:
 def preflight(args) -> None:
     """Refuse bad overrides (unknown keys, wrong types), missing datasets (with ``--eval-only``
     only the test datasets: the training set is not read) and a missing local
-    ``train.init_checkpoint`` (except when training with ``--resume``) before any process is
-    started."""
+    ``train.init_checkpoint`` (except when training with ``--resume``) and an output folder that
+    cannot be written before any process is started."""
+    from convmae_det.engine.preflight import check_output_dir, check_weights_file
+
     cfg = load_lazy_config(args.config_file, args.opts)
     check_datasets(datasets_to_check(cfg, eval_only=args.eval_only))
     weights = str(cfg.train.get("init_checkpoint", "") or "")
     needed = args.eval_only or not args.resume  # lazy_eval_only always loads it
-    if weights and "://" not in weights and needed and not os.path.isfile(weights):
-        raise FileNotFoundError(f"train.init_checkpoint: no such checkpoint file: {weights}")
+    if needed:
+        check_weights_file("train.init_checkpoint", weights)
+    check_output_dir("train.output_dir", cfg.train.get("output_dir", ""))
 
 
 def output_dir(args) -> str:

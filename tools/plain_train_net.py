@@ -70,10 +70,12 @@ def main(args):
 
 def preflight(args) -> None:
     """Refuse a missing config file, an unknown key or a value of the wrong type in the
-    overrides, and an unregistered or missing dataset (naming the expected folder and the prepare
-    script), with one line (``error: ...``, exit code 2) before any process is started or any
+    overrides, an unregistered or missing dataset (naming the expected folder and the prepare
+    script), a missing local ``MODEL.WEIGHTS`` and an output folder that cannot be written, with
+    one line (``error: ...``, exit code 2) before any process is started or any
     model is built. Toy datasets are generated here, once."""
     from convmae_det.engine.config import check_datasets
+    from convmae_det.engine.preflight import check_output_dir, check_weights_file
     from detectron2.data import DatasetCatalog
 
     cfg = get_seg_cfg(args.config_file, args.opts)
@@ -87,6 +89,9 @@ def preflight(args) -> None:
     check_datasets([(n, k) for n, k in names if n not in DatasetCatalog.list()])  # unregistered
     for name in dict.fromkeys(n for n, _ in names):
         DatasetCatalog.get(name)  # the dataset's own check: folder and prepare script named
+    if args.eval_only or not args.resume:  # a resume loads the run's own checkpoint instead
+        check_weights_file("MODEL.WEIGHTS", cfg.MODEL.WEIGHTS)
+    check_output_dir("OUTPUT_DIR", cfg.OUTPUT_DIR)
 
 
 def output_dir(args) -> str:

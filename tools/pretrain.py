@@ -68,6 +68,19 @@ def load_config(args):
     return cfg
 
 
+def preflight(args):
+    """:func:`load_config`, then the data folder, ``train.init_checkpoint`` /
+    ``train.resume_from`` and the output folder, before any process starts."""
+    from convmae_det.engine.preflight import check_data_dir, check_output_dir, check_weights_file
+
+    cfg = load_config(args)
+    check_data_dir("train.data_path (--data-path)", cfg.train.get("data_path"))
+    check_weights_file("train.init_checkpoint", cfg.train.get("init_checkpoint"))
+    check_weights_file("train.resume_from", cfg.train.get("resume_from"))
+    check_output_dir("train.output_dir (--output-dir)", cfg.train.output_dir)
+    return cfg
+
+
 def main(args) -> str:
     cfg = load_config(args)
     os.makedirs(cfg.train.output_dir, exist_ok=True)
@@ -103,4 +116,4 @@ def output_dir(args) -> str:
 
 
 if __name__ == "__main__":
-    launch_tool(main, parse_args(), preflight=load_config, output_dir=output_dir)
+    launch_tool(main, parse_args(), preflight=preflight, output_dir=output_dir)

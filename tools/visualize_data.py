@@ -43,6 +43,7 @@ from convmae_det.engine.config import (  # noqa: E402
     load_lazy_config,
 )
 from convmae_det.engine.launcher import exit_on_user_error  # noqa: E402
+from convmae_det.engine.preflight import check_output_dir  # noqa: E402
 from convmae_det.model_from_config import config_kind  # noqa: E402
 
 SOURCES = ("annotation", "dataloader")
@@ -244,6 +245,7 @@ def visualize(args: argparse.Namespace) -> List[str]:
     from detectron2.data import MetadataCatalog
 
     cfg, kind, names = exit_on_user_error(lambda: preflight(args))
+    exit_on_user_error(lambda: check_output_dir("--output-dir", args.output_dir))
     metadata = MetadataCatalog.get(names[0][0])
     os.makedirs(args.output_dir, exist_ok=True)
     written: List[str] = []

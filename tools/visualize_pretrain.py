@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--scale", type=int, default=1, help="integer upscaling of the grids")
     args = parser.parse_args(argv)
     from convmae_det.checkpoint import CheckpointError
+    from convmae_det.engine.preflight import check_output_dir
     from convmae_det.visualization.reconstruction import (
         load_pretrain_model,
         save_reconstruction_grids,
@@ -57,6 +58,7 @@ def main(argv=None) -> int:
             files.append(item)
     overrides = {"img_size": args.img_size} if args.img_size else {}
     try:
+        check_output_dir("--output", args.output)
         model = load_pretrain_model(args.checkpoint, name=args.model, **overrides)
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)

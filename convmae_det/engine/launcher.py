@@ -41,6 +41,7 @@ from detectron2.engine.launch import DEFAULT_TIMEOUT, _distributed_worker
 from detectron2.utils import comm
 
 from ..checkpoint.io import CheckpointError
+from .preflight import debug_mode
 from .run_lock import LOCK_NAME, OutputDirInUse, RunLock, acquire_run_lock
 
 __all__ = [
@@ -78,10 +79,13 @@ class DataFileError(RuntimeError):
 
 def exit_on_user_error(check: Callable[[], Any]) -> Any:
     """Run ``check()``; on a :data:`USER_ERRORS` exception print ``error: <message>`` to stderr
-    and exit with code 2 (no traceback: the message names the key / file / value)."""
+    and exit with code 2 (no traceback: the message names the key / file / value). With
+    ``CONVMAE_DET_DEBUG=1`` the exception propagates with its traceback."""
     try:
         return check()
     except USER_ERRORS as exc:
+        if debug_mode():
+            raise
         message = exc.args[0] if exc.args else str(exc)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
@@ -130,6 +134,8 @@ def _run_process(main: Callable[[Any], Any], args: Any) -> Any:
     try:
         return main(args)
     except (DataFileError, CheckpointError) as exc:  # the message names the file
+        if debug_mode():
+            raise
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
 
