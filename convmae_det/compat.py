@@ -9,7 +9,11 @@ Each fix is small, idempotent and covered by a test that fails without it:
 * CPU DDP: ``create_ddp_model`` passes ``device_ids=[local_rank]``, which DDP rejects for CPU
   modules; we pass ``device_ids=None`` when the model's parameters live on the CPU.
 * safe loading: torch >= 2.6 loads with ``weights_only=True``; official MAE / ConvMAE
-  checkpoints store an ``argparse.Namespace`` under ``args``. That one type is allow-listed.
+  checkpoints store an ``argparse.Namespace`` under ``args``. That one name is allow-listed, and
+  rebuilt as :class:`SafeNamespace`, which only accepts plain attribute values (see there).
+* COCO evaluation: without ``_C`` the snapshot's ``COCOEvaluator`` runs pycocotools' pure-Python
+  ``COCOeval``; it now uses faster-coco-eval's C++ one when installed (same numbers, see
+  ``convmae_det/evaluation/coco_backend.py``).
 """
 
 from __future__ import annotations
@@ -17,16 +21,48 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import pickle
 import sys
 import types
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["apply_all", "load_sem_seg_label", "SAFE_GLOBALS"]
+__all__ = ["apply_all", "load_sem_seg_label", "SafeNamespace", "SAFE_GLOBALS"]
 
-SAFE_GLOBALS = [argparse.Namespace]
+
+class SafeNamespace(argparse.Namespace):
+    """What ``argparse.Namespace`` in a checkpoint becomes under ``torch.load(weights_only=True)``.
+
+    Allow-listing ``argparse.Namespace`` itself would let a file (through torch's ``BUILD``) put
+    any key in the instance ``__dict__``, ``__setstate__`` included, which torch then calls on
+    the next ``BUILD`` of that object, and ``setattr`` anything, ``__class__`` included (a
+    ``(state, slotstate)`` state). This subclass accepts only a dict of plain names, so a file can
+    do no more than set attributes to the tensors and containers it may already hold. It pickles
+    as a plain ``argparse.Namespace``.
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        if type(state) is not dict:
+            raise pickle.UnpicklingError(
+                f"refused argparse.Namespace state: is a {type(state).__name__}, not a dict"
+            )
+        for key in state:
+            if type(key) is not str or key.startswith("__"):
+                shown = key if type(key) is str else f"a {type(key).__name__} key"
+                raise pickle.UnpicklingError(
+                    f"refused argparse.Namespace state: sets attribute {shown[:60]!r}"
+                )
+        self.__dict__.update(state)
+
+    def __reduce__(self) -> Any:
+        return (argparse.Namespace, (), dict(vars(self)))
+
+
+# extra globals for torch.load(weights_only=True), as (object, "module.name") pairs
+SAFE_GLOBALS = [(SafeNamespace, "argparse.Namespace")]
 _applied = False
 
 
@@ -88,6 +124,12 @@ def _fix_cpu_ddp() -> None:
     engine.create_ddp_model = create_ddp_model
 
 
+def _fast_coco_eval() -> None:
+    from .evaluation.coco_backend import use_fast_cocoeval
+
+    use_fast_cocoeval()
+
+
 def _allow_safe_globals() -> None:
     torch.serialization.add_safe_globals(SAFE_GLOBALS)
 
@@ -110,4 +152,5 @@ def apply_all() -> None:
     _allow_safe_globals()
     _fix_sem_seg_evaluator()
     _fix_cpu_ddp()
+    _fast_coco_eval()
     _applied = True

@@ -145,8 +145,9 @@ class EMATarget(nn.Module):
 def load_teacher_state_dict(
     path: str, model: Optional[nn.Module] = None
 ) -> Dict[str, torch.Tensor]:
-    """Read a teacher's weights from a local file (``.safetensors`` or a torch file, loaded with
-    ``weights_only=True``), unwrap ``teacher`` / ``model`` / ``state_dict`` / ``module`` levels,
+    """Read a teacher's weights from a local file (``.safetensors`` or a torch file, read with
+    ``load_checkpoint_file``: a file that would run code is refused with a ``CheckpointError``
+    naming it), unwrap ``teacher`` / ``model`` / ``state_dict`` / ``module`` levels,
     strip ``module.`` / ``backbone.`` / ``encoder.`` prefixes and apply the timm model's own
     ``checkpoint_filter_fn`` (which converts e.g. OpenAI / open_clip CLIP and DINOv2 layouts)."""
     if not os.path.isfile(path):
@@ -156,7 +157,9 @@ def load_teacher_state_dict(
 
         state = load_file(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from ..checkpoint.io import load_checkpoint_file
+
+        state = load_checkpoint_file(path)
     unwrapped = True
     while unwrapped:
         unwrapped = False
@@ -340,9 +343,11 @@ class MixtureOfReconstructors(nn.Module):
 
     @torch.no_grad()
     def target(self, name: str, imgs: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-        """(B, L, D) float32 target of ``name`` (normalised per token with ``target_norm``)."""
+        """(B, L, D) target of ``name`` (normalised per token with ``target_norm``), float32
+        (float64 from a float64 EMA encoder)."""
         source = self.ema if name == "ema" else self._teachers[name]
-        feats = source(imgs, grid).float()
+        feats = source(imgs, grid)
+        feats = feats.to(torch.promote_types(feats.dtype, torch.float32))
         if self.target_norm:
             feats = F.layer_norm(feats, feats.shape[-1:])
         return feats
