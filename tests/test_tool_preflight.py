@@ -123,3 +123,20 @@ def test_weights_and_data_checks(tmp_path):
         check_data_dir("train.data_path", str(tmp_path / "f"))
     check_data_dir("train.data_path", None)
     check_data_dir("train.data_path", str(tmp_path))
+
+
+def test_a_failed_checkpoint_save_in_a_training_process_is_one_line_and_exit_1(capsys):
+    import errno
+
+    from convmae_det.checkpoint import CheckpointWriteError
+    from convmae_det.engine.launcher import _run_process
+
+    message = "no space left on device while writing out/model_0000009.pth; the previous checkpoint out/model_0000004.pth is intact"  # noqa: E501
+
+    def main(args):
+        raise CheckpointWriteError(errno.ENOSPC, message)
+
+    with pytest.raises(SystemExit) as exit_info:
+        _run_process(main, None)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == f"error: {message}"

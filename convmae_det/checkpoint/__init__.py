@@ -12,11 +12,18 @@ from .convert import (
     register_key_mapper,
     unwrap_checkpoint,
 )
-from .io import CheckpointError, load_checkpoint_file, save_checkpoint_atomic, write_text_atomic
+from .io import (
+    CheckpointError,
+    CheckpointWriteError,
+    load_checkpoint_file,
+    save_checkpoint_atomic,
+    write_text_atomic,
+)
 
 __all__ = [
     "CheckpointError",
     "CheckpointReport",
+    "CheckpointWriteError",
     "ConvMAECheckpointer",
     "MIN_ENCODER_COVERAGE",
     "convert_checkpoint",

@@ -40,7 +40,7 @@ import torch.multiprocessing as mp
 from detectron2.engine.launch import DEFAULT_TIMEOUT, _distributed_worker
 from detectron2.utils import comm
 
-from ..checkpoint.io import CheckpointError
+from ..checkpoint.io import CheckpointError, CheckpointWriteError
 from .preflight import debug_mode
 from .run_lock import LOCK_NAME, OutputDirInUse, RunLock, acquire_run_lock
 
@@ -133,6 +133,11 @@ def _run_process(main: Callable[[Any], Any], args: Any) -> Any:
     share_cpu_threads(comm.get_local_size())
     try:
         return main(args)
+    except CheckpointWriteError as exc:  # disk full / I/O error while saving: not a user mistake
+        if debug_mode():
+            raise
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except (DataFileError, CheckpointError) as exc:  # the message names the file
         if debug_mode():
             raise
