@@ -14,7 +14,12 @@ Every switch keeps the numbers of the plain path (checked in ``tests/test_fast_p
 * ``channels_last``: NHWC memory for every 4-D weight, so the conv stages run on channels-last maps
   and the LayerNorm-over-channels permutes of :class:`ConvBlock` become free views;
 * ``act_checkpoint``: recompute the blocks of the chosen stages (1, 2: conv blocks; 3: transformer
-  blocks) in backward through ``torch.utils.checkpoint`` (non-reentrant);
+  blocks) in backward through ``torch.utils.checkpoint`` (non-reentrant); ``"attn"`` recomputes
+  only the attention core of the stage-3 blocks (relative terms, QK^T, softmax, @V) where it would
+  keep (B, heads, N, N) tensors: on the explicit path (logits / probabilities) and, with SDPA,
+  in blocks with their own relative terms (per-block / decomposed: SDPA keeps their bias).
+  Non-reentrant checkpointing stops the recomputation once the probabilities exist, so it
+  costs one QK^T per block;
 * ``compile``: ``nn.Module.compile`` of the backbone (in place, parameter names unchanged), which
   also fuses the LayerNorm / GELU / residual element-wise work of the conv stages.
 """
@@ -38,6 +43,7 @@ __all__ = [
     "autocast",
     "find_convvit_encoders",
     "ATTN_CHOICES",
+    "ACT_CHECKPOINT_CHOICES",
     "resolve_attn",
     "set_fused_attn",
     "set_act_checkpoint",
@@ -48,6 +54,8 @@ __all__ = [
 ]
 
 ATTN_CHOICES = ("auto", "sdpa", "explicit")
+# stages whose blocks are recomputed, and "attn": the attention core of the stage-3 blocks
+ACT_CHECKPOINT_CHOICES = (1, 2, 3, "attn")
 
 DTYPES: Dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -64,7 +72,8 @@ class FastPaths:
         attn: "sdpa", "explicit" or "auto" (see the module docstring and :func:`resolve_attn`).
         dtype: "fp32" (no autocast), "bf16" or "fp16" (``torch.autocast`` with that dtype).
         channels_last: NHWC weights and inputs for the convolutions.
-        act_checkpoint: stages whose blocks are recomputed in backward, subset of (1, 2, 3).
+        act_checkpoint: what is recomputed in backward: stages whose blocks are recomputed, from
+            (1, 2, 3), and/or ``"attn"`` for the attention core of the stage-3 blocks.
         compile: ``torch.compile`` the backbone.
     """
 
@@ -79,10 +88,12 @@ class FastPaths:
             raise ValueError(f"FastPaths.attn={self.attn!r}; expected one of {ATTN_CHOICES}")
         if self.dtype not in DTYPES:
             raise ValueError(f"FastPaths.dtype={self.dtype!r}; expected one of {sorted(DTYPES)}")
-        bad = [s for s in self.act_checkpoint if s not in (1, 2, 3)]
+        bad = [s for s in self.act_checkpoint if s not in ACT_CHECKPOINT_CHOICES]
         if bad:
-            raise ValueError(f"FastPaths.act_checkpoint stages {bad}; expected a subset of 1, 2, 3")
-        object.__setattr__(self, "act_checkpoint", tuple(sorted(set(self.act_checkpoint))))
+            raise ValueError(
+                f"FastPaths.act_checkpoint stages {bad}; expected a subset of 1, 2, 3, 'attn'"
+            )
+        object.__setattr__(self, "act_checkpoint", tuple(sorted(set(self.act_checkpoint), key=str)))
 
     def to_dict(self) -> Dict[str, Any]:
         out = asdict(self)
@@ -153,10 +164,11 @@ def _checkpoint_module(module: nn.Module, on: bool) -> None:
         del module.forward
 
 
-def set_act_checkpoint(model: nn.Module, stages: Sequence[int]) -> int:
+def set_act_checkpoint(model: nn.Module, stages: Sequence[Any]) -> int:
     """Activation checkpointing per stage for every ConvViT in ``model``: stages 1 and 2 wrap each
-    conv block, stage 3 uses the encoder's own ``use_act_checkpoint``. Stages not listed are
-    switched off. Returns the number of checkpointed blocks."""
+    conv block, stage 3 uses the encoder's own ``use_act_checkpoint``, ``"attn"`` sets
+    ``checkpoint_core`` of every stage-3 attention. What is not listed is switched off. Returns
+    the number of checkpointed blocks (attention cores not counted)."""
     stages = set(stages)
     count = 0
     for enc in find_convvit_encoders(model):
@@ -166,6 +178,8 @@ def set_act_checkpoint(model: nn.Module, stages: Sequence[int]) -> int:
                 count += int(s in stages)
         enc.use_act_checkpoint = 3 in stages
         count += len(enc.blocks3) if 3 in stages else 0
+        for blk in enc.blocks3:
+            blk.attn.checkpoint_core = "attn" in stages
     return count
 
 
@@ -180,7 +194,8 @@ def act_checkpoint_disabled(model: nn.Module) -> Iterator[None]:
             for s, blocks in ((1, enc.blocks1), (2, enc.blocks2))
             if blocks and "forward" in blocks[0].__dict__
         ]
-        saved.append((enc, conv + ([3] if enc.use_act_checkpoint else [])))
+        core = ["attn"] if any(blk.attn.checkpoint_core for blk in enc.blocks3) else []
+        saved.append((enc, conv + ([3] if enc.use_act_checkpoint else []) + core))
     for enc, _ in saved:
         set_act_checkpoint(enc, ())
     try:

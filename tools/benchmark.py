@@ -14,6 +14,8 @@ Examples:
                                          # COCOEvaluator.evaluate(): faster-coco-eval vs detectron2
     python tools/benchmark.py --data all --data-images 60 --profile
                                          # training mappers: images/s per CPU core, decode included
+    python tools/benchmark.py --preset convvitdet_b --dtype bf16 --channels-last --device cpu \
+        --memory-breakdown sweep         # saved activations per stage / kind, CPU and CUDA path
 """
 
 import argparse
@@ -56,7 +58,7 @@ def _size(text: str):
 def _stages(text: str):
     if text in ("", "none"):
         return ()
-    return tuple(int(v) for v in text.split(","))
+    return tuple(v if v == "attn" else int(v) for v in text.split(","))
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -106,7 +108,8 @@ def get_parser() -> argparse.ArgumentParser:
         "--act-checkpoint",
         type=_stages,
         default=(),
-        help="stages to recompute in backward, e.g. 3 or 1,2,3",
+        help="stages to recompute in backward, e.g. 3 or 1,2,3; 'attn': the stage-3 attention "
+        "core (e.g. 2,attn)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     p.add_argument("--warmup", type=int, default=None, help="default 10 on CUDA, 2 on CPU")
@@ -125,7 +128,22 @@ def get_parser() -> argparse.ArgumentParser:
         "--compare-plain",
         action="store_true",
         help="interleaved timing of these paths vs explicit attention, NCHW, "
-        "no checkpointing (same dtype)",
+        "no checkpointing (same dtype unless --plain-dtype)",
+    )
+    p.add_argument(
+        "--plain-dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="--compare-plain: the plain path's dtype (e.g. fp32 to time bf16 against fp32)",
+    )
+    p.add_argument(
+        "--memory-breakdown",
+        nargs="?",
+        const="breakdown",
+        choices=("breakdown", "sweep"),
+        help="saved activations per stage and tensor kind on the CPU path and the CUDA path "
+        "(modes backbone_train / train, --device cpu); 'sweep': also every --act-checkpoint "
+        "policy with its extra FLOPs",
     )
     p.add_argument("--data-images", type=int, default=60, help="images per --data subject")
     p.add_argument("--profile", action="store_true", help="--data: print where the time goes")
@@ -185,13 +203,15 @@ def main(argv=None) -> dict:
         num_instances=args.num_instances,
         mask_format=args.mask_format,
     )
+    if args.memory_breakdown:
+        return _memory(cfg, args)
     if args.compare_plain:
-        plain = FastPaths(attn="explicit", dtype=dtype)
+        plain = FastPaths(attn="explicit", dtype=args.plain_dtype or dtype)
         result = run_ab(cfg, plain)
         f, b = result["fast"]["ms_per_img_stats"], result["baseline"]["ms_per_img_stats"]
         print(
             f"{result['name']} {result['mode']} {dtype}: fast {f['median']:.1f} ms/img, "
-            f"plain {b['median']:.1f} ms/img, speedup {result['speedup']:.2f}x"
+            f"plain {plain.dtype} {b['median']:.1f} ms/img, speedup {result['speedup']:.2f}x"
             + (
                 f" (CPU time {result['cpu_time_speedup']:.2f}x)"
                 if result["cpu_time_speedup"] is not None
@@ -201,6 +221,36 @@ def main(argv=None) -> dict:
     else:
         result = run_benchmark(cfg)
         print(format_summary(result))
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def _memory(cfg: BenchmarkConfig, args) -> dict:
+    from convmae_det.benchmark.memory import (
+        checkpoint_sweep,
+        format_breakdown_table,
+        format_sweep_table,
+        memory_breakdown,
+    )
+
+    h, w = cfg.resolved_size
+    result = {}
+    for path in ("cpu", "cuda"):
+        r = memory_breakdown(cfg, path=path)
+        result[path] = r
+        print(
+            f"\n{r['name']} {r['mode']} {h}x{w} bs{cfg.batch_size} {cfg.paths.dtype}, "
+            f"{path.upper()} path (attention: {r['attention']}), act_checkpoint "
+            f"{','.join(map(str, cfg.paths.act_checkpoint)) or 'none'}: "
+            f"{r['bytes_per_img'] / 2**30:.3f} GiB saved per image (GiB per image below)\n"
+        )
+        print(format_breakdown_table(r))
+    if args.memory_breakdown == "sweep":
+        result["sweep"] = checkpoint_sweep(cfg)
+        print("\n" + format_sweep_table(result["sweep"]))
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:

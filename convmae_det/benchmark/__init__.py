@@ -4,6 +4,7 @@
 """
 
 from .measure import count_flops, measure_matmul_peak, peak_memory, reset_peak_memory
+from .memory import checkpoint_sweep, memory_breakdown
 from .runner import (
     AB_MARKDOWN_HEADER,
     MARKDOWN_HEADER,
@@ -48,4 +49,6 @@ __all__ = [
     "measure_matmul_peak",
     "peak_memory",
     "reset_peak_memory",
+    "memory_breakdown",
+    "checkpoint_sweep",
 ]

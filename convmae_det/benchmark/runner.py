@@ -195,7 +195,9 @@ def build_subject(cfg: BenchmarkConfig) -> nn.Module:
 
 def _saved_bytes_hooks(model: nn.Module, tally: Dict[str, int]):
     """Saved-tensor hooks that add up the distinct storages autograd keeps for backward
-    (parameters excluded; inputs that a checkpointed block holds itself are not seen)."""
+    (parameters excluded; the inputs a checkpointed region holds are included, since
+    ``torch.utils.checkpoint`` saves them through these hooks). ``memory.SavedTensorCensus``
+    counts the same storages and says which stage and tensor kind keeps them."""
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = set()
 

@@ -134,6 +134,8 @@ class Attention(nn.Module):
         self.rel_pos = rel_pos
         self.rel_pos_hw = tuple(rel_pos_hw) if rel_pos_hw is not None else None
         self.fused = fused
+        # recompute the (B, heads, N, N) part in backward (fast_paths act_checkpoint "attn")
+        self.checkpoint_core = False
         if rel_pos == "per_block":
             num = (2 * rel_pos_hw[0] - 1) * (2 * rel_pos_hw[1] - 1)
             self.relative_position_bias_table = nn.Parameter(torch.zeros(num, num_heads))
@@ -157,6 +159,40 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        # recompute the core where it would keep (B, heads, N, N) tensors: the explicit path's
+        # logits / probabilities, SDPA's own copy of per-block relative terms. Keeps q, k, v and
+        # the shared bias; the same ops run again, so the numbers are the same
+        own_terms = self.rel_pos in ("per_block", "decomposed")
+        if (
+            self.checkpoint_core
+            and (own_terms or not self.fused)
+            and self.training
+            and torch.is_grad_enabled()
+        ):
+            out = activation_checkpoint.checkpoint(
+                self.attend, q, k, v, hw, bias, use_reentrant=False
+            )
+        else:
+            out = self.attend(q, k, v, hw, bias)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        hw: Optional[Tuple[int, int]] = None,
+        bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The attention core: softmax(q k^T * scale + relative terms + bias) v.
+
+        Args:
+            q, k, v: (B, heads, N, head_dim); ``q`` unscaled.
+            hw: token grid of N (needed by the per-block relative terms).
+            bias: additive bias broadcastable to (B, heads, N, N).
+        Returns:
+            (B, heads, N, head_dim).
+        """
         if self.rel_pos == "per_block":
             own = table_rel_pos_bias(self.relative_position_bias_table, self.rel_pos_hw, hw)
             bias = own.unsqueeze(0) if bias is None else bias + own
@@ -174,7 +210,7 @@ class Attention(nn.Module):
             # softmax in float32 for half precision, in the logits' own precision otherwise
             work = torch.promote_types(logits.dtype, torch.float32)
             out = logits.to(work).softmax(dim=-1).to(v.dtype) @ v
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return out
 
 
 class Block(nn.Module):
@@ -460,11 +496,18 @@ class ConvViT(nn.Module):
         """Stage-3 blocks on a (B, h, w, C) grid, or on (B, N, C) tokens when no block needs the
         grid. The biases of :meth:`stage3_attention_biases` are built (and cast) once here."""
         global_bias, window_bias = self.stage3_attention_biases(x)
-        if torch.is_autocast_enabled(x.device.type):
-            # cast once here rather than in every block (the blocks cast to q.dtype)
-            dtype = torch.get_autocast_dtype(x.device.type)
-            global_bias = global_bias.to(dtype) if global_bias is not None else None
-            window_bias = window_bias.to(dtype) if window_bias is not None else None
+        # Cast once here rather than in every block (the blocks cast to q.dtype), and lay the
+        # biases out row-major: a gathered table is a (heads, N, N) view with the heads innermost,
+        # which CUDA's memory-efficient SDPA kernel would copy in every block and keep for backward
+        # (1.5 GiB per 1024x1024 image for the four global blocks of the paper layout).
+        autocast_on = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast_on else None
+        # (.contiguous(): ``.to(memory_format=contiguous_format)`` keeps this view as it is, since
+        # the unsqueezed batch dim makes its strides read as neither layout; CPU SDPA copied it too)
+        if global_bias is not None:
+            global_bias = global_bias.to(dtype or global_bias.dtype).contiguous()
+        if window_bias is not None:
+            window_bias = window_bias.to(dtype or window_bias.dtype).contiguous()
         for i, blk in enumerate(self.blocks3):
             bias = window_bias if i in self.window_block_indexes else global_bias
             if self.use_act_checkpoint and self.training and torch.is_grad_enabled():
