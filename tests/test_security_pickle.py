@@ -40,6 +40,7 @@ from hypothesis import strategies as st
 
 from convmae_det import compat
 from convmae_det.checkpoint import io as ckpt_io
+from convmae_det.checkpoint import safe_pickle
 from convmae_det.checkpoint.io import (
     CheckpointError,
     CheckpointWriteError,
@@ -902,7 +903,7 @@ OPS = st.one_of(
     ),
 )
 
-_ALLOWED_OBJECT_IDS = {id(v) for v in ckpt_io._PKL_GLOBALS.values()}
+_ALLOWED_OBJECT_IDS = {id(v) for v in safe_pickle._PKL_GLOBALS.values()}
 
 
 def _allowed_result(obj: Any, seen: set) -> None:
@@ -940,7 +941,7 @@ def _allowed_result(obj: Any, seen: set) -> None:
 def _recording_lookups() -> Iterator[List[Tuple[Any, Any, Any]]]:
     """Record every name look-up of the .pkl reader and every import during the load."""
     lookups: List[Tuple[Any, Any, Any]] = []
-    original_find_class = ckpt_io._ArrayOnlyUnpickler.find_class
+    original_find_class = safe_pickle._ArrayOnlyUnpickler.find_class
     original_import = builtins.__import__
     original_import_module = importlib.import_module
 
@@ -961,7 +962,7 @@ def _recording_lookups() -> Iterator[List[Tuple[Any, Any, Any]]]:
         lookups.append(("import_module", name, None))
         return original_import_module(name, *args, **kwargs)
 
-    with mock.patch.object(ckpt_io._ArrayOnlyUnpickler, "find_class", find_class), mock.patch(
+    with mock.patch.object(safe_pickle._ArrayOnlyUnpickler, "find_class", find_class), mock.patch(
         "builtins.__import__", recording_import
     ), mock.patch("importlib.import_module", recording_import_module):
         yield lookups
