@@ -26,6 +26,7 @@ setup(
         "opencv-python-headless",
         "matplotlib",
     ],
+    extras_require={"deploy": ["onnx>=1.16", "onnxruntime>=1.18"]},
     classifiers=[
         "License :: OSI Approved :: Apache Software License",
         "Programming Language :: Python :: 3",
