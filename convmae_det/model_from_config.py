@@ -31,7 +31,10 @@ def config_kind(path: str) -> str:
 
 def load_any_config(path: str, opts: Optional[Sequence[str]] = None) -> Tuple[Any, str]:
     """Load ``path`` and apply ``opts`` (``key=value`` for LazyConfig, ``KEY VALUE`` pairs or
-    ``KEY=VALUE`` for yacs). Returns (cfg, kind)."""
+    ``KEY=VALUE`` for yacs). Unknown keys and values of the wrong type are refused as the
+    trainers refuse them (:func:`convmae_det.engine.config.check_override_keys` /
+    ``check_override_types``, :func:`convmae_det.engine.yacs_overrides.check_overrides`), with
+    one :class:`ConfigError` line. Returns (cfg, kind)."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such config file")
     kind = config_kind(path)
@@ -39,11 +42,19 @@ def load_any_config(path: str, opts: Optional[Sequence[str]] = None) -> Tuple[An
     if kind == "lazy":
         from detectron2.config import LazyConfig
 
+        from .engine.config import check_override_keys, check_override_types
+
         cfg = load_lazy_config_safely(path)
         for opt in opts:
-            key = opt.split("=", 1)[0]
             if "=" not in opt:
                 raise ConfigError(f"override {opt!r} for {path}: expected key=value")
+        try:  # an unknown key (a typo) or a value of the wrong type is refused, as in training
+            check_override_keys(cfg, opts, source=path)
+            check_override_types(cfg, opts, source=path)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(exc.args[0] if exc.args else str(exc)) from None
+        for opt in opts:
+            key = opt.split("=", 1)[0]
             try:
                 cfg = LazyConfig.apply_overrides(cfg, [opt])
             except (KeyError, AttributeError, ValueError) as exc:
@@ -70,10 +81,12 @@ def load_any_config(path: str, opts: Optional[Sequence[str]] = None) -> Tuple[An
         pairs += opt.split("=", 1) if "=" in opt else [opt]
     if len(pairs) % 2:
         raise ConfigError(f"overrides {opts} for {path}: expected KEY VALUE pairs")
-    try:
-        cfg.merge_from_list(pairs)
+    from .engine.yacs_overrides import merge_checked_overrides
+
+    try:  # unknown keys ("did you mean ...?") and wrong types named in one line
+        merge_checked_overrides(cfg, pairs)
     except (KeyError, AssertionError, ValueError) as exc:
-        raise ConfigError(f"overrides for {path}: {exc}") from None
+        raise ConfigError(f"overrides for {path}: {exc.args[0] if exc.args else exc}") from None
     return cfg, kind
 
 

@@ -66,7 +66,7 @@ def test_full_overlay_keeps_image_size_and_colours_masks_with_class_colours():
 def test_confidence_threshold_drops_low_scores():
     img = np.full((48, 64, 3), 128, np.uint8)
     out = draw_prediction(img, {"instances": _instances()}, None, confidence_threshold=0.5)
-    assert (out[32, 45] == img[32, 45]).all()  # the 0.3-score mask is not drawn
+    assert (out[38, 55] == img[38, 55]).all()  # 0.3-score mask, clear of the label
     assert (out[12, 10] != img[12, 10]).any()
 
 

@@ -11,6 +11,7 @@ use_act_checkpoint=True``) or if it is written ``+key=value`` (hydra's explicit 
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import os
@@ -86,8 +87,12 @@ def check_override_keys(cfg: DictConfig, overrides: Sequence[str], source: str =
                 continue
         where = f" (config {source})" if source else ""
         if isinstance(parent, DictConfig):
-            known = ", ".join(sorted(str(k) for k in parent.keys()))
-            hint = f"'{parent_key or '<root>'}' has: {known}"
+            names = sorted(str(k) for k in parent.keys())
+            close = difflib.get_close_matches(leaf, names, n=3, cutoff=0.6)
+            hint = f"'{parent_key or '<root>'}' has: {', '.join(names)}"
+            if close:
+                guesses = ", ".join(f"{parent_key}.{c}".lstrip(".") for c in close)
+                hint = f"did you mean {guesses}? {hint}"
         else:
             hint = f"'{parent_key}' does not exist either"
         raise KeyError(

@@ -139,7 +139,9 @@ def table_rel_pos_bias(
         table_hw = hw
     index = relative_position_index(hw, table_hw, device=table.device)
     n = hw[0] * hw[1]
-    return table[index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
+    # gather from the (heads, entries) table: the (heads, N, N) bias comes out row-major, which
+    # the SDPA kernels take without a copy (a (N, N, heads) gather permuted would need one)
+    return table.t().contiguous().index_select(1, index.reshape(-1)).reshape(-1, n, n)
 
 
 class RelativePositionBias(nn.Module):

@@ -3,16 +3,24 @@ class names and scores drawn with detectron2's ``Visualizer``; a class legend fo
 
 Mask blending is done here (``out = (1 - alpha) * image + alpha * colour`` on the mask pixels and
 nowhere else), so an overlay drawn without boxes, outlines or labels differs from the input
-exactly where a predicted mask lies.
+exactly where a predicted mask lies. The legend shows each class in the colour it has on the
+overlay: its colour blended with ``alpha`` over the mean of the image pixels it covers.
+
+Labels follow ``Visualizer.overlay_instances``: at the box corner, below (or beside) small boxes,
+font size growing with the box height, a lighter shade of the instance colour. They are placed in
+score order, kept inside the picture, and a label that would cover one already placed tries the
+other corners of its box and is left out when none is free, so a low threshold gives fewer
+labels rather than an unreadable stack.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.structures import Instances
-from detectron2.utils.visualizer import GenericMask, Visualizer
+from detectron2.utils.visualizer import _SMALL_OBJECT_AREA_THRESH, GenericMask, Visualizer
 from PIL import Image, ImageDraw, ImageFont
 
 from .palette import RGB, class_colors, instance_colors
@@ -20,9 +28,12 @@ from .palette import RGB, class_colors, instance_colors
 __all__ = [
     "blend_masks",
     "draw_instances",
+    "draw_instances_with_labels",
     "draw_semantic",
     "draw_legend",
     "draw_prediction",
+    "legend_colors",
+    "PlacedLabel",
     "COLOR_MODES",
 ]
 
@@ -43,6 +54,150 @@ def blend_masks(
 
 def _normalized(color: RGB) -> np.ndarray:
     return np.asarray(color, dtype=np.float64) / 255.0
+
+
+@dataclass
+class PlacedLabel:
+    """A label drawn on an instance overlay.
+
+    Attributes:
+        instance: index of the instance in the ``Instances`` drawn.
+        text: "name 87%".
+        position: the text anchor (x, y) in pixels.
+        extent: (x0, y0, x1, y1) of the drawn text in pixels.
+        font_size: in points, as ``Visualizer.draw_text`` takes it.
+    """
+
+    instance: int
+    text: str
+    position: Tuple[float, float]
+    extent: Tuple[float, float, float, float]
+    font_size: float
+
+
+def _overlap(a: Sequence[float], b: Sequence[float]) -> bool:
+    return min(a[2], b[2]) - max(a[0], b[0]) > 0 and min(a[3], b[3]) - max(a[1], b[1]) > 0
+
+
+def _label_candidates(
+    box: Sequence[float], height: int, scale: float
+) -> List[Tuple[Tuple[float, float], str]]:
+    """Anchors (position, horizontal alignment) for a box's label: ``overlay_instances``' choice
+    first (top-left corner; under the box, or beside it at the bottom edge, for small boxes),
+    then the other corners."""
+    x0, y0, x1, y1 = box
+    first = ((x0, y0), "left")
+    if (y1 - y0) * (x1 - x0) < _SMALL_OBJECT_AREA_THRESH * scale or y1 - y0 < 40 * scale:
+        first = ((x1, y0), "left") if y1 >= height - 5 else ((x0, y1), "left")
+    others = [((x0, y0), "left"), ((x1, y0), "right"), ((x0, y1), "left"), ((x1, y1), "right")]
+    return [first] + [c for c in others if c != first]
+
+
+def _text_extent(vis: Visualizer, text_artist, renderer) -> Tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) in image pixels of a drawn text (its dark background included)."""
+    patch = text_artist.get_bbox_patch()
+    if patch is not None:
+        text_artist.update_bbox_position_size(renderer)
+        bb = patch.get_window_extent(renderer)
+    else:
+        bb = text_artist.get_window_extent(renderer)
+    inv = vis.output.ax.transData.inverted()
+    (ax0, ay0), (ax1, ay1) = inv.transform([[bb.x0, bb.y0], [bb.x1, bb.y1]])
+    xs, ys = sorted((float(ax0), float(ax1))), sorted((float(ay0), float(ay1)))
+    return (xs[0], ys[0], xs[1], ys[1])
+
+
+def _place_labels(
+    vis: Visualizer,
+    boxes: np.ndarray,
+    texts: Sequence[str],
+    colors: Sequence[np.ndarray],
+    order: Sequence[int],
+) -> List[PlacedLabel]:
+    """Draw ``texts[i]`` for ``i`` in ``order`` with ``Visualizer.draw_text`` at the first free
+    anchor of :func:`_label_candidates`, shifted inside the picture; skip a label when no anchor
+    is free. Returns the labels drawn."""
+    out = vis.output
+    h, w = out.height, out.width
+    renderer = out.canvas.get_renderer()
+    placed: List[PlacedLabel] = []
+    for i in order:
+        x0, y0, x1, y1 = (float(v) for v in boxes[i])
+        height_ratio = (y1 - y0) / np.sqrt(h * w)
+        size = float(np.clip((height_ratio - 0.02) / 0.08 + 1, 1.2, 2) * 0.5)
+        size *= vis._default_font_size
+        color = vis._change_color_brightness(colors[i], brightness_factor=0.7)
+        for (x, y), align in _label_candidates((x0, y0, x1, y1), h, out.scale):
+            vis.draw_text(texts[i], (x, y), color=color, horizontal_alignment=align, font_size=size)
+            artist = out.ax.texts[-1]
+            ext = _text_extent(vis, artist, renderer)
+            dx = max(0.0, -ext[0]) - max(0.0, ext[2] - w)  # keep it inside the picture
+            dy = max(0.0, -ext[1]) - max(0.0, ext[3] - h)
+            if dx or dy:
+                x, y = x + dx, y + dy
+                artist.set_position((x, y))
+                ext = (ext[0] + dx, ext[1] + dy, ext[2] + dx, ext[3] + dy)
+            if not any(_overlap(ext, p.extent) for p in placed):
+                placed.append(PlacedLabel(i, texts[i], (x, y), ext, size))
+                break
+            artist.remove()
+    return placed
+
+
+def draw_instances_with_labels(
+    image: np.ndarray,
+    instances: Instances,
+    metadata=None,
+    *,
+    alpha: float = 0.5,
+    color_mode: str = "class",
+    draw_boxes: bool = True,
+    draw_labels: bool = True,
+    draw_outlines: bool = True,
+) -> Tuple[np.ndarray, List[PlacedLabel]]:
+    """:func:`draw_instances`, also returning the labels drawn (:class:`PlacedLabel`, highest
+    score first)."""
+    if color_mode not in COLOR_MODES:
+        raise ValueError(f"color_mode={color_mode!r}; expected one of {COLOR_MODES}")
+    inst = instances.to("cpu")
+    n = len(inst)
+    classes = inst.pred_classes.tolist() if inst.has("pred_classes") else [0] * n
+    scores = inst.scores.tolist() if inst.has("scores") else [None] * n
+    names = list(getattr(metadata, "thing_classes", None) or []) if metadata is not None else []
+    if color_mode == "class":
+        palette = class_colors(metadata, num_classes=max(classes, default=-1) + 1)
+        colors = [palette[c] for c in classes]
+    else:
+        colors = instance_colors(n)
+    # Largest first, so small objects stay visible on top.
+    order = list(range(n))
+    masks = None
+    if inst.has("pred_masks"):
+        masks = inst.pred_masks.numpy().astype(bool)
+        order = sorted(order, key=lambda i: -int(masks[i].sum()))
+    out = image
+    if masks is not None:
+        out = blend_masks(image, [masks[i] for i in order], [colors[i] for i in order], alpha)
+    if not (draw_boxes or draw_labels or draw_outlines) or n == 0:
+        return out, []
+    vis = Visualizer(out, metadata, scale=1.0)
+    normalized = [_normalized(c) for c in colors]
+    for i in order:
+        color = normalized[i]
+        if draw_outlines and masks is not None:
+            for poly in GenericMask(masks[i], *masks[i].shape).polygons:
+                vis.draw_polygon(poly.reshape(-1, 2), color, edge_color=color, alpha=0.0)
+        if draw_boxes and inst.has("pred_boxes"):
+            vis.draw_box(inst.pred_boxes.tensor[i].tolist(), edge_color=color, alpha=0.8)
+    placed: List[PlacedLabel] = []
+    if draw_labels and inst.has("pred_boxes"):
+        texts = []
+        for i in range(n):
+            name = names[classes[i]] if classes[i] < len(names) else str(classes[i])
+            texts.append(name if scores[i] is None else f"{name} {scores[i] * 100:.0f}%")
+        by_score = sorted(range(n), key=lambda i: -(scores[i] or 0.0))
+        placed = _place_labels(vis, inst.pred_boxes.tensor.numpy(), texts, normalized, by_score)
+    return vis.get_output().get_image(), placed
 
 
 def draw_instances(
@@ -66,52 +221,34 @@ def draw_instances(
         alpha: mask opacity in [0, 1].
         color_mode: "class" (fixed colour per class) or "instance" (one colour per instance).
     Returns:
-        (H, W, 3) uint8 RGB.
+        (H, W, 3) uint8 RGB. Labels are placed as described in the module docstring.
     """
-    if color_mode not in COLOR_MODES:
-        raise ValueError(f"color_mode={color_mode!r}; expected one of {COLOR_MODES}")
-    inst = instances.to("cpu")
-    n = len(inst)
-    classes = inst.pred_classes.tolist() if inst.has("pred_classes") else [0] * n
-    scores = inst.scores.tolist() if inst.has("scores") else [None] * n
-    names = list(getattr(metadata, "thing_classes", None) or []) if metadata is not None else []
-    if color_mode == "class":
-        palette = class_colors(metadata, num_classes=max(classes, default=-1) + 1)
-        colors = [palette[c] for c in classes]
-    else:
-        colors = instance_colors(n)
-    # Largest first, so small objects stay visible on top.
-    order = list(range(n))
-    masks = None
-    if inst.has("pred_masks"):
-        masks = inst.pred_masks.numpy().astype(bool)
-        order = sorted(order, key=lambda i: -int(masks[i].sum()))
-    out = image
-    if masks is not None:
-        out = blend_masks(image, [masks[i] for i in order], [colors[i] for i in order], alpha)
-    if not (draw_boxes or draw_labels or draw_outlines) or n == 0:
-        return out
-    vis = Visualizer(out, metadata, scale=1.0)
-    for i in order:
-        color = _normalized(colors[i])
-        if draw_outlines and masks is not None:
-            for poly in GenericMask(masks[i], *masks[i].shape).polygons:
-                vis.draw_polygon(poly.reshape(-1, 2), color, edge_color=color, alpha=0.0)
-        if draw_boxes and inst.has("pred_boxes"):
-            vis.draw_box(inst.pred_boxes.tensor[i].tolist(), edge_color=color, alpha=0.8)
-        if draw_labels:
-            name = names[classes[i]] if classes[i] < len(names) else str(classes[i])
-            text = name if scores[i] is None else f"{name} {scores[i] * 100:.0f}%"
-            x0, y0, x1, y1 = inst.pred_boxes.tensor[i].tolist()
-            size = max(9, int(0.045 * max(image.shape[:2])))
-            vis.draw_text(
-                text,
-                (x0, max(y0 - size * 1.2, 0)),
-                color=np.maximum(color * 0.6, 0) if color.mean() > 0.6 else color,
-                horizontal_alignment="left",
-                font_size=size,
-            )
-    return vis.get_output().get_image()
+    return draw_instances_with_labels(
+        image,
+        instances,
+        metadata,
+        alpha=alpha,
+        color_mode=color_mode,
+        draw_boxes=draw_boxes,
+        draw_labels=draw_labels,
+        draw_outlines=draw_outlines,
+    )[0]
+
+
+def legend_colors(
+    image: np.ndarray, masks: Sequence[np.ndarray], colors: Sequence[RGB], alpha: float
+) -> List[RGB]:
+    """The colour each mask has on the overlay of :func:`blend_masks`: its colour blended with
+    ``alpha`` over the mean of the image pixels it covers (exactly the overlay colour on a uniform
+    background; the mean overlay colour of the region otherwise, to rounding)."""
+    out: List[RGB] = []
+    pixels = image.reshape(-1, image.shape[-1]).astype(np.float64)
+    for mask, color in zip(masks, colors):
+        m = np.asarray(mask, dtype=bool).reshape(-1)
+        under = pixels[m].mean(0) if m.any() else np.full(3, 255.0)
+        seen = (1.0 - alpha) * under + alpha * np.asarray(color, dtype=np.float64)
+        out.append(tuple(int(v) for v in np.clip(np.rint(seen), 0, 255)))  # type: ignore[misc]
+    return out
 
 
 def draw_semantic(
@@ -125,7 +262,8 @@ def draw_semantic(
 ) -> np.ndarray:
     """Colour every pixel of ``sem_seg`` ((H, W) class ids) by its class; ``ignore_value`` pixels
     keep the image. With ``legend`` a panel naming the classes present (with their share of the
-    pixels) is appended on the right. Returns (H, W [+ legend width], 3) uint8 RGB."""
+    pixels) in the colours they have on the overlay (:func:`legend_colors`) is appended on the
+    right. Returns (H, W [+ legend width], 3) uint8 RGB."""
     sem_seg = np.asarray(sem_seg)
     if sem_seg.shape != image.shape[:2]:
         raise ValueError(f"sem_seg {sem_seg.shape} does not match the image {image.shape[:2]}")
@@ -133,17 +271,16 @@ def draw_semantic(
     num = int(valid.max()) + 1 if valid.size else 0
     palette = class_colors(metadata, stuff=True, num_classes=num)
     present = [int(c) for c in np.unique(valid)]
-    out = blend_masks(image, [sem_seg == c for c in present], [palette[c] for c in present], alpha)
+    masks = [sem_seg == c for c in present]
+    out = blend_masks(image, masks, [palette[c] for c in present], alpha)
     if not legend:
         return out
     names = list(getattr(metadata, "stuff_classes", None) or []) if metadata is not None else []
     total = max(sem_seg.size, 1)
+    seen = legend_colors(image, masks, [palette[c] for c in present], alpha)
     entries = [
-        (
-            f"{names[c] if c < len(names) else c} {100.0 * (sem_seg == c).sum() / total:.0f}%",
-            palette[c],
-        )
-        for c in present
+        (f"{names[c] if c < len(names) else c} {100.0 * m.sum() / total:.0f}%", color)
+        for c, m, color in zip(present, masks, seen)
     ]
     panel = draw_legend(entries, height=out.shape[0])
     return np.concatenate([out, panel], axis=1)
