@@ -127,7 +127,7 @@ def test_visualize_data_segmentation_yacs(tmp_path, data_root, source):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--config-file", "configs/toy/no_such_config.py"], "config file not found"),
+        (["--config-file", "configs/toy/no_such_config.py"], "no_such_config.py: no such config file"),
         (["--config-file", DET_TOY, "train.max_iters=3"], "unknown config key 'train.max_iters'"),
         (["--config-file", DET_TOY, "dataloader.train.dataset.names=toy_coco_typo"],
          "dataset 'toy_coco_typo'"),

@@ -57,9 +57,9 @@ import torch.nn as nn  # noqa: E402
 
 import convmae_det  # noqa: E402,F401  (compatibility fixes)
 import convmae_det.data  # noqa: E402,F401  (registers the datasets)
-from convmae_det.engine.config import check_datasets, load_lazy_config  # noqa: E402
+from convmae_det.engine.config import check_datasets  # noqa: E402
 from convmae_det.engine.launcher import USER_ERRORS, exit_on_user_error  # noqa: E402
-from convmae_det.model_from_config import build_model_from_config, config_kind  # noqa: E402
+from convmae_det.model_from_config import build_model_from_config, load_any_config  # noqa: E402
 
 TASKS = ("parameter", "flop", "activation", "structure")
 logger = logging.getLogger("convmae_det.analyze_model")
@@ -135,13 +135,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------ config
 def load_config(path: str, opts: Sequence[str]) -> Tuple[Any, str]:
-    """The config at ``path`` with checked overrides and its kind ("lazy" / "yacs")."""
-    kind = config_kind(path)  # refuses other extensions
-    if kind == "lazy":
-        return load_lazy_config(path, opts), kind
-    from convmae_det.engine.seg_train_loop import get_seg_cfg
-
-    return get_seg_cfg(path, list(opts)), kind
+    """The config at ``path`` with checked overrides and its kind ("lazy" / "yacs"): the
+    project's one config loader, as in the trainers, demo, conversion and benchmark."""
+    return load_any_config(path, list(opts))
 
 
 def is_pretraining(cfg: Any, kind: str) -> bool:

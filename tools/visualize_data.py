@@ -40,11 +40,10 @@ import convmae_det.data  # noqa: E402,F401  (registers the datasets)
 from convmae_det.engine.config import (  # noqa: E402
     check_datasets,
     dataset_names_in_config,
-    load_lazy_config,
 )
 from convmae_det.engine.launcher import exit_on_user_error  # noqa: E402
 from convmae_det.engine.preflight import check_output_dir  # noqa: E402
-from convmae_det.model_from_config import config_kind  # noqa: E402
+from convmae_det.model_from_config import load_any_config  # noqa: E402
 
 SOURCES = ("annotation", "dataloader")
 
@@ -81,13 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------ config
 def load_config(path: str, opts: Sequence[str]) -> Tuple[Any, str]:
-    """The config at ``path`` with checked overrides and its kind ("lazy" / "yacs")."""
-    kind = config_kind(path)  # refuses other extensions
-    if kind == "lazy":
-        return load_lazy_config(path, opts), kind
-    from convmae_det.engine.seg_train_loop import get_seg_cfg
-
-    return get_seg_cfg(path, list(opts)), kind
+    """The config at ``path`` with checked overrides and its kind ("lazy" / "yacs"): the
+    project's one config loader, as in the trainers, demo, conversion and benchmark."""
+    return load_any_config(path, list(opts))
 
 
 def training_datasets(cfg: Any, kind: str) -> List[Tuple[str, str]]:
