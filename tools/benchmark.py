@@ -61,6 +61,14 @@ def _stages(text: str):
     return tuple(v if v == "attn" else int(v) for v in text.split(","))
 
 
+def _write_json(path, result) -> None:
+    """``--output``: the result as JSON (nothing without a path)."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -221,10 +229,7 @@ def main(argv=None) -> dict:
     else:
         result = run_benchmark(cfg)
         print(format_summary(result))
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+    _write_json(args.output, result)
     return result
 
 
@@ -251,10 +256,7 @@ def _memory(cfg: BenchmarkConfig, args) -> dict:
     if args.memory_breakdown == "sweep":
         result["sweep"] = checkpoint_sweep(cfg)
         print("\n" + format_sweep_table(result["sweep"]))
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+    _write_json(args.output, result)
     return result
 
 
@@ -274,10 +276,7 @@ def _data(args) -> dict:
         )
         if args.profile:
             print(r["profile"])
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=2)
+    _write_json(args.output, results)
     return results
 
 
@@ -299,10 +298,7 @@ def _coco_eval(args) -> dict:
         f"{b['faster_coco_eval']['seconds_median']:.2f} s; speedup {result['speedup']:.2f}x, "
         f"largest AP difference {result['largest_ap_difference']:.1e}"
     )
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+    _write_json(args.output, result)
     return result
 
 
