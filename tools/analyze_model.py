@@ -57,7 +57,7 @@ import torch.nn as nn  # noqa: E402
 
 import convmae_det  # noqa: E402,F401  (compatibility fixes)
 import convmae_det.data  # noqa: E402,F401  (registers the datasets)
-from convmae_det.engine.config import check_datasets  # noqa: E402
+from convmae_det.engine.config import check_datasets_of_config  # noqa: E402
 from convmae_det.engine.launcher import USER_ERRORS, exit_on_user_error  # noqa: E402
 from convmae_det.model_from_config import build_model_from_config, load_any_config  # noqa: E402
 
@@ -168,20 +168,6 @@ def test_dataset(cfg: Any, kind: str) -> Tuple[str, str]:
     return str(name), "dataloader.test.dataset.names"
 
 
-def check_data(names: Sequence[Tuple[str, str]], kind: str) -> None:
-    """Datasets registered and present (``check_datasets``: named with their config key). The
-    registered datasets of a yacs config are loaded first: the toy ADE20K is generated on that
-    first load, and the ADE20K loader names a missing folder."""
-    if kind == "yacs":
-        from detectron2.data import DatasetCatalog
-
-        registered = set(DatasetCatalog.list())
-        for name, _ in names:
-            if name in registered:
-                DatasetCatalog.get(name)
-    check_datasets(names)
-
-
 def preflight(args: argparse.Namespace) -> Tuple[Any, str]:
     """Config with checked overrides; with FLOP / activation tasks also the inputs' dataset and
     the weight file. Raises for input the user can fix."""
@@ -199,7 +185,7 @@ def preflight(args: argparse.Namespace) -> Tuple[Any, str]:
         )
     if counting and not args.synthetic and not is_pretraining(cfg, kind):
         try:
-            check_data([test_dataset(cfg, kind)], kind)
+            check_datasets_of_config([test_dataset(cfg, kind)], kind)
         except USER_ERRORS as exc:
             message = exc.args[0] if exc.args else str(exc)
             raise ValueError(f"{message} (or count on a synthetic input: --synthetic)") from None

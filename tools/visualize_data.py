@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import convmae_det  # noqa: E402,F401  (compatibility fixes)
 import convmae_det.data  # noqa: E402,F401  (registers the datasets)
 from convmae_det.engine.config import (  # noqa: E402
-    check_datasets,
+    check_datasets_of_config,
     dataset_names_in_config,
 )
 from convmae_det.engine.launcher import exit_on_user_error  # noqa: E402
@@ -102,20 +102,6 @@ def training_datasets(cfg: Any, kind: str) -> List[Tuple[str, str]]:
     return names
 
 
-def check_data(names: Sequence[Tuple[str, str]], kind: str) -> None:
-    """Datasets registered and present (``check_datasets``: named with their config key). The
-    registered datasets of a yacs config are loaded first: the toy ADE20K is generated on that
-    first load, and the ADE20K loader names a missing folder."""
-    if kind == "yacs":
-        from detectron2.data import DatasetCatalog
-
-        registered = set(DatasetCatalog.list())
-        for name, _ in names:
-            if name in registered:
-                DatasetCatalog.get(name)
-    check_datasets(names)
-
-
 def preflight(args: argparse.Namespace) -> Tuple[Any, str, List[Tuple[str, str]]]:
     """Config, kind and training datasets, each checked (registered and present; toy datasets
     are generated here). Raises for input the user can fix."""
@@ -125,7 +111,7 @@ def preflight(args: argparse.Namespace) -> Tuple[Any, str, List[Tuple[str, str]]
         raise ValueError(f"--scale {args.scale}: expected a positive number")
     cfg, kind = load_config(args.config_file, args.opts)
     names = training_datasets(cfg, kind)
-    check_data(names, kind)
+    check_datasets_of_config(names, kind)
     return cfg, kind, names
 
 

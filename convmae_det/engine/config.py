@@ -16,7 +16,7 @@ import inspect
 import logging
 import os
 import shutil
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -35,6 +35,7 @@ __all__ = [
     "OverrideTypeError",
     "dataset_names_in_config",
     "check_datasets",
+    "check_datasets_of_config",
     "default_lazy_setup",
 ]
 
@@ -252,6 +253,18 @@ def check_datasets(names: Iterable[tuple]) -> None:
                     f"Datasets are looked up under $DETECTRON2_DATASETS (now '{root}'); "
                     "see datasets/README.md for the expected layout."
                 )
+
+
+def check_datasets_of_config(names: Sequence[Tuple[str, str]], kind: str) -> None:
+    """:func:`check_datasets` for a config of either kind ("lazy" / "yacs"). The registered
+    datasets of a yacs config are loaded first: the toy ADE20K is generated on that first load,
+    and the ADE20K loader names a missing folder and its prepare script."""
+    if kind == "yacs":
+        registered = set(DatasetCatalog.list())
+        for name, _ in names:
+            if name in registered:
+                DatasetCatalog.get(name)
+    check_datasets(names)
 
 
 def default_lazy_setup(cfg: DictConfig, args: Any) -> None:
