@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..utils.sliding_window import sliding_window_boxes
 from .manifest import ExportedModelError, Manifest, read_manifest
 
 __all__ = ["ExportedPredictor", "ExportedModelError", "preprocess", "window_grid"]
@@ -56,18 +57,9 @@ def preprocess(
 def window_grid(
     height: int, width: int, crop_size: Sequence[int], stride: Sequence[int]
 ) -> List[Tuple[int, int, int, int]]:
-    """Sliding windows ``(y1, y2, x1, x2)`` of mmseg's ``slide_inference`` (the same grid as
-    :func:`convmae_det.modeling.segmentor.sliding_window_boxes`): every ``stride`` pixels, the last
-    window of a row / column moved back inside the image, clipped to an image smaller than it."""
-    (ch, cw), (sh, sw) = crop_size, stride
-    rows = max(height - ch + sh - 1, 0) // sh + 1
-    cols = max(width - cw + sw - 1, 0) // sw + 1
-    boxes = []
-    for r in range(rows):
-        for c in range(cols):
-            y2, x2 = min(r * sh + ch, height), min(c * sw + cw, width)
-            boxes.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
-    return boxes
+    """Sliding windows ``(y1, y2, x1, x2)``: the eager segmenter's grid
+    (:func:`convmae_det.utils.sliding_window.sliding_window_boxes`)."""
+    return sliding_window_boxes(height, width, crop_size, stride)
 
 
 class _TorchScriptGraph:

@@ -27,6 +27,8 @@ from detectron2.modeling.meta_arch.semantic_seg import build_sem_seg_head
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
+from ..utils.sliding_window import sliding_window_boxes
+
 __all__ = [
     "EncoderDecoderSegmentor",
     "sliding_window_boxes",
@@ -37,27 +39,6 @@ __all__ = [
 
 TEST_MODES = ("whole", "slide")
 Box = Tuple[int, int, int, int]  # y1, y2, x1, x2
-
-
-def sliding_window_boxes(
-    height: int, width: int, crop_size: Tuple[int, int], stride: Tuple[int, int]
-) -> List[Box]:
-    """Windows ``(y1, y2, x1, x2)`` covering an image, mmseg's ``slide_inference`` grid.
-
-    ``max(H - crop + stride - 1, 0) // stride + 1`` windows per axis, every ``stride`` pixels; a
-    window crossing the border is moved back inside, one larger than the image is clipped to it.
-    """
-    (ch, cw), (sh, sw) = crop_size, stride
-    if min(ch, cw, sh, sw) <= 0:
-        raise ValueError(f"crop_size {crop_size} and stride {stride} must be positive")
-    rows = max(height - ch + sh - 1, 0) // sh + 1
-    cols = max(width - cw + sw - 1, 0) // sw + 1
-    boxes = []
-    for r in range(rows):
-        for c in range(cols):
-            y2, x2 = min(r * sh + ch, height), min(c * sw + cw, width)
-            boxes.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
-    return boxes
 
 
 def _pad_to(x: torch.Tensor, divisor: int) -> torch.Tensor:

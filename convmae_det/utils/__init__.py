@@ -1,0 +1,1 @@
+"""Small helpers with no model code, shared by the model and the exported-model runner."""
