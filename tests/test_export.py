@@ -389,3 +389,100 @@ def test_runner_runs_without_the_model_code(workdir, fmt):
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- tools on exports
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "CONVMAE_DET_DEBUG"}
+    return subprocess.run(
+        [sys.executable, os.path.join("tools", script), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+
+
+def _instance_lines(stdout: str) -> Dict[str, str]:
+    """ "img.png: 3 instances >= 0.50 (2 star, 1 cross), 0.12 s -> out" -> {"img.png": "3 ..."}."""
+    lines = {}
+    for line in stdout.splitlines():
+        if " instance" in line and " -> " in line:
+            name, rest = line.split(": ", 1)
+            lines[os.path.basename(name)] = rest.rsplit(", ", 1)[0]  # without the time
+    return lines
+
+
+def test_demo_draws_from_an_export_what_eager_draws(workdir, tmp_path):
+    from PIL import Image
+
+    folder = _export(workdir, DET, "torchscript")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, (h, w) in enumerate([(160, 200), (192, 256)]):
+        Image.fromarray(synthetic_image(h, w, seed=i)).save(inputs / f"img{i}.png")
+    exported = _run("demo.py", "--exported", folder, "--input", str(inputs),
+                    "--output", str(tmp_path / "exp"))  # fmt: skip
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "exported torchscript instances model" in exported.stdout
+    assert "inference: exported TorchScript" in exported.stdout
+    assert "summary: 2 images drawn" in exported.stdout
+    assert sorted(os.listdir(tmp_path / "exp")) == ["img0.png", "img1.png"]
+    eager = _run("demo.py", "--config-file", DET, "--weights", _weights(workdir, DET),
+                 "--input", str(inputs), "--output", str(tmp_path / "eager"))  # fmt: skip
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    got, want = _instance_lines(exported.stdout), _instance_lines(eager.stdout)
+    assert set(got) == {"img0.png", "img1.png"} and got == want
+    assert any(not v.startswith("0 instances") for v in got.values()), got
+
+
+def test_demo_skips_sizes_the_export_refuses_and_refuses_eager_options(workdir, tmp_path):
+    from PIL import Image
+
+    folder = _export(workdir, SEG, "torchscript", WHOLE)
+    Image.fromarray(synthetic_image(128, 170)).save(tmp_path / "ok.png")
+    Image.fromarray(np.zeros((10, 1000, 3), np.uint8)).save(tmp_path / "thin.png")
+    proc = _run("demo.py", "--exported", folder, "--input", str(tmp_path / "ok.png"),
+                str(tmp_path / "thin.png"), "--output", str(tmp_path / "out"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "summary: 1 images drawn" in proc.stdout
+    assert "skipped" in proc.stderr and "thin.png" in proc.stderr and ">= 33 px" in proc.stderr
+    assert os.listdir(tmp_path / "out") == ["ok.png"]
+    for extra, named in [
+        (["--weights", "w.pth"], "--weights"),
+        (["--dtype", "bf16"], "--dtype bf16"),
+        (["--plain"], "--plain"),
+        (["--opts", "MODEL.WEIGHTS", "w.pth"], "--opts"),
+    ]:
+        proc = _run("demo.py", "--exported", folder, "--input", str(tmp_path / "ok.png"), *extra)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().startswith("error: --exported") and named in proc.stderr
+    proc = _run("demo.py", "--exported", str(tmp_path / "none"), "--input", str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: {tmp_path / 'none'}: no such exported model folder"
+    ), proc.stderr[-2000:]
+
+
+def test_benchmark_times_an_export_against_eager(workdir, tmp_path):
+    folder = _export(workdir, SEG, "torchscript", WHOLE)
+    out = tmp_path / "bench.json"
+    proc = _run("benchmark.py", "--exported", folder, "--mode", "inference", "--iters", "2",
+                "--warmup", "0", "--threads", "1", "--size", "96x128", "--output", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        result = json.load(f)
+    assert result["format"] == "torchscript" and result["config_file"] == SEG
+    assert result["image_size"] == [96, 128] and result["threads"] == 1 and result["rounds"] == 2
+    for name in ("eager", "torchscript"):
+        assert len(result["timings"][name]["samples_ms"]) == 2
+        assert result["timings"][name]["min_ms"] > 0
+    eager, graph = result["timings"]["eager"], result["timings"]["torchscript"]
+    assert result["speedup_median"] == pytest.approx(eager["median_ms"] / graph["median_ms"])
+    assert "x eager by median" in proc.stdout
+    for extra, named in [
+        (["--mode", "train"], "--mode train"),
+        (["--dtype", "bf16"], "--dtype bf16"),
+        (["--iters", "0"], "--iters 0"),
+    ]:
+        proc = _run("benchmark.py", "--exported", folder, *extra)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().startswith("benchmark: ") and named in proc.stderr
+    proc = _run("benchmark.py", "--exported", str(tmp_path / "none"))
+    assert proc.returncode == 2 and "no such exported model folder" in proc.stderr

@@ -16,6 +16,8 @@ Examples:
                                          # training mappers: images/s per CPU core, decode included
     python tools/benchmark.py --preset convvitdet_b --dtype bf16 --channels-last --device cpu \
         --memory-breakdown sweep         # saved activations per stage / kind, CPU and CUDA path
+    python tools/benchmark.py --exported out/det_onnx --mode inference --iters 10 --threads 2
+                                         # ms/image of an exported model vs eager PyTorch (CPU)
 """
 
 import argparse
@@ -94,7 +96,14 @@ def get_parser() -> argparse.ArgumentParser:
         help="time COCOEvaluator.evaluate() (bbox + segm) on a synthetic evaluation of this many "
         "images: faster-coco-eval vs detectron2's pycocotools path (--iters repeats, default 3)",
     )
-    p.add_argument("--mode", choices=MODES, default="backbone_train")
+    src.add_argument(
+        "--exported",
+        metavar="DIR",
+        help="a folder of tools/export_model.py: ms/image of onnxruntime / TorchScript vs the "
+        "eager model of its manifest, fp32 on the CPU, interleaved (--iters rounds, default 10; "
+        "--size: synthetic image, default the traced size)",
+    )
+    p.add_argument("--mode", choices=MODES, default=None, help="default backbone_train")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--size", type=_size, default=None, help="N or HxW (default: preset's, 1024)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -187,6 +196,9 @@ def main(argv=None) -> dict:
         return _coco_eval(args)
     if args.data:
         return _data(args)
+    if args.exported:
+        return _exported(args)
+    args.mode = args.mode or "backbone_train"
     dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
     paths = FastPaths(
         attn=args.attn,
@@ -280,6 +292,43 @@ def _data(args) -> dict:
     return results
 
 
+def _exported(args) -> dict:
+    from convmae_det.deploy import ExportedModelError, synthetic_image
+    from convmae_det.deploy.timing import benchmark_exported
+
+    if args.mode not in (None, "inference"):
+        raise BenchmarkSetupError(f"--exported times inference only, not --mode {args.mode}")
+    if not str(args.device).startswith("cpu") and "--device" in sys.argv[1:]:
+        raise BenchmarkSetupError(f"--exported runs on the CPU, not --device {args.device}")
+    if args.dtype not in (None, "fp32"):
+        raise BenchmarkSetupError(f"--exported runs in fp32, not --dtype {args.dtype}")
+    if args.opts:
+        raise BenchmarkSetupError(
+            "--exported takes the config and overrides of its manifest, not "
+            f"{' '.join(args.opts)!r}"
+        )
+    rounds = 10 if args.iters is None else args.iters
+    warmup = 2 if args.warmup is None else args.warmup
+    if rounds < 1 or warmup < 0:
+        raise BenchmarkSetupError(f"--iters {rounds} / --warmup {warmup}: expected >= 1 / >= 0")
+    image = synthetic_image(*args.size) if args.size else None
+    try:
+        result = benchmark_exported(
+            args.exported, image=image, rounds=rounds, warmup=warmup, threads=args.threads
+        )
+    except ExportedModelError as exc:
+        raise BenchmarkSetupError(str(exc)) from None
+    h, w = result["image_size"]
+    print(
+        f"{result['format']} export of {result['config_file']}: {rounds} interleaved rounds on "
+        f"a {h}x{w} image, {result['threads']} CPU threads, fp32"
+    )
+    for line in result["lines"]:
+        print("  " + line)
+    _write_json(args.output, result)
+    return result
+
+
 def _coco_eval(args) -> dict:
     from convmae_det.benchmark.coco_eval import benchmark_coco_eval
 
@@ -311,5 +360,6 @@ if __name__ == "__main__":
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except BenchmarkSetupError as exc:
-        # settings the tool cannot run with: say which, without a traceback
-        sys.exit(f"benchmark: {exc}")
+        # settings the tool cannot run with: say which, without a traceback, exit code 2
+        print(f"benchmark: {exc}", file=sys.stderr)
+        sys.exit(2)

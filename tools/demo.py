@@ -6,6 +6,7 @@
     python tools/demo.py --config-file configs/ADE20K/upernet_convmae_toy.yaml \
         --input img.jpg --output out/ --opts MODEL.WEIGHTS model_final.pth
     python tools/demo.py --config-file ... --video-input clip.mp4 --output clip_pred.mp4
+    python tools/demo.py --exported out/det_onnx --input img.jpg --output out/
 
 LazyConfig (.py, overrides ``key=value``) and yacs (.yaml, overrides ``KEY VALUE``) both work;
 an unknown override key or a value of the wrong type is refused (one ``error:`` line, exit 2).
@@ -18,6 +19,11 @@ by class; or the classes of a segmentation) and, with several inputs, a summary.
 Inference uses SDPA attention and channels-last convolutions in fp32 (same detections as the plain
 path, ``--plain``). ``--dtype bf16`` runs under autocast where the CPU (AVX512-BF16 or AMX) or GPU
 has native bf16, and is refused elsewhere; its detections are close to, not equal to, fp32.
+
+``--exported DIR`` draws from a folder written by ``tools/export_model.py`` (TorchScript or ONNX,
+CPU, fp32) instead of building the model: no config, weights or model code are read, so the
+options of the eager model (``--config-file``, ``--weights``, ``--opts``, ``--plain``,
+``--dtype bf16``, ``--device cuda``) are refused with it.
 """
 
 import argparse
@@ -32,7 +38,13 @@ import convmae_det  # noqa: E402,F401  (compatibility fixes)
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config-file", required=True, metavar="FILE", help="LazyConfig .py or .yaml")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--config-file", metavar="FILE", help="LazyConfig .py or .yaml")
+    model.add_argument(
+        "--exported",
+        metavar="DIR",
+        help="a folder written by tools/export_model.py (runs without the model code)",
+    )
     p.add_argument("--input", nargs="+", help="images, folders or glob patterns")
     p.add_argument("--video-input", help="a video file")
     p.add_argument("--output", help="output folder (images) or file (single image / video)")
@@ -106,6 +118,57 @@ def _summary_line(drawn: int, totals, images_with, name_of, task: str, threshold
     )
 
 
+class UsageError(ValueError):
+    """Options that do not go together."""
+
+
+def _eager_only_options(args) -> list:
+    """The options given with ``--exported`` that only apply to the eager model."""
+    given = []
+    if args.weights:
+        given.append("--weights")
+    if args.opts:
+        given.append("--opts")
+    if args.plain:
+        given.append("--plain")
+    if args.dtype != "fp32":
+        given.append(f"--dtype {args.dtype}")
+    if args.device and not str(args.device).startswith("cpu"):
+        given.append(f"--device {args.device}")
+    return given
+
+
+def _build_predictor(args, torch):
+    """The eager ``Predictor`` of ``--config-file`` or the ``ExportedPredictor`` of
+    ``--exported``; the lines that say what it shows (checkpoint report or export description,
+    classes, inference paths)."""
+    if args.exported:
+        from convmae_det.deploy import ExportedPredictor
+
+        eager_only = _eager_only_options(args)
+        if eager_only:
+            raise UsageError(
+                f"--exported runs the exported graph on the CPU in fp32; {', '.join(eager_only)} "
+                "applies to the eager model only (export again with those settings instead)"
+            )
+        predictor = ExportedPredictor(args.exported)
+        lines = [predictor.describe()]
+    else:
+        from convmae_det.visualization.predictor import Predictor, inference_paths
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        paths = inference_paths(args.dtype, device=device, plain=args.plain)
+        predictor = Predictor(
+            config_file=args.config_file,
+            opts=args.opts,
+            weights=args.weights,
+            device=device,
+            paths=paths,
+        )
+        lines = list(predictor.weights_report.lines())
+    return predictor, lines + list(predictor.describe_model()) + [predictor.describe_paths()]
+
+
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     import time
@@ -117,14 +180,13 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from convmae_det.checkpoint import CheckpointError
+    from convmae_det.deploy.manifest import ExportedModelError
     from convmae_det.model_from_config import ConfigError
     from convmae_det.visualization.overlay import draw_prediction
     from convmae_det.visualization.predictor import (
-        Predictor,
         UnreadableImageError,
         UnsupportedDtypeError,
         count_instances,
-        inference_paths,
         read_input_image,
         unreadable_inputs_summary,
     )
@@ -132,26 +194,21 @@ def main(argv=None) -> int:
     if not args.input and not args.video_input:
         raise SystemExit("give --input images/folders/globs or --video-input FILE")
     try:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        paths = inference_paths(args.dtype, device=device, plain=args.plain)
-        predictor = Predictor(
-            config_file=args.config_file,
-            opts=args.opts,
-            weights=args.weights,
-            device=device,
-            paths=paths,
-        )
-    except (ConfigError, UnsupportedDtypeError, FileNotFoundError, CheckpointError) as exc:
-        # a bad / refused config, override, dtype or checkpoint: one line, no traceback
+        predictor, lines = _build_predictor(args, torch)
+    except (
+        ConfigError,
+        UnsupportedDtypeError,
+        FileNotFoundError,
+        CheckpointError,
+        ExportedModelError,
+        UsageError,
+    ) as exc:
+        # a bad / refused config, override, dtype, checkpoint or export: one line, no traceback
         message = str(exc.args[0] if exc.args else exc).splitlines()[0]
         print(f"error: {message}", file=sys.stderr)
         return 2
-    report = predictor.weights_report.lines()
-    for line in report:
+    for line in lines:
         print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout)
-    for line in predictor.describe_model():
-        print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout)
-    print(predictor.describe_paths())
     sys.stdout.flush()
     draw_kw = dict(
         confidence_threshold=args.confidence_threshold,
@@ -191,7 +248,15 @@ def main(argv=None) -> int:
                 tqdm.tqdm.write(f"warning: skipped {path}: {exc.reason} ({exc.detail})", sys.stderr)
                 skipped.append((path, exc.reason))
                 continue
-            picture, counts, seconds = draw(rgb)
+            try:
+                picture, counts, seconds = draw(rgb)
+            except ValueError as exc:
+                if not args.exported:
+                    raise
+                # an image size the export does not take: named, skipped, counted
+                tqdm.tqdm.write(f"warning: skipped {path}: {exc}", sys.stderr)
+                skipped.append((path, "size the export does not take"))
+                continue
             drawn += 1
             out = (
                 args.output
