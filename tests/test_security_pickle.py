@@ -753,8 +753,7 @@ ALLOWED_PAIRS = [
 ] + [
     ("numpy.dtypes", name)
     for name in dir(np.dtypes)
-    if isinstance(getattr(np.dtypes, name), type)
-    and issubclass(getattr(np.dtypes, name), np.dtype)
+    if isinstance(getattr(np.dtypes, name), type) and issubclass(getattr(np.dtypes, name), np.dtype)
 ]
 FORBIDDEN_PAIRS = [
     ("os", "system"),
@@ -962,9 +961,11 @@ def _recording_lookups() -> Iterator[List[Tuple[Any, Any, Any]]]:
         lookups.append(("import_module", name, None))
         return original_import_module(name, *args, **kwargs)
 
-    with mock.patch.object(safe_pickle._ArrayOnlyUnpickler, "find_class", find_class), mock.patch(
-        "builtins.__import__", recording_import
-    ), mock.patch("importlib.import_module", recording_import_module):
+    with (
+        mock.patch.object(safe_pickle._ArrayOnlyUnpickler, "find_class", find_class),
+        mock.patch("builtins.__import__", recording_import),
+        mock.patch("importlib.import_module", recording_import_module),
+    ):
         yield lookups
 
 

@@ -82,7 +82,9 @@ def test_missing_weights_and_data_are_named_before_anything_is_built(tmp_path):
     assert line.startswith("error: train.data_path (--data-path):") and "does not exist" in line
     pre = _run(["tools/pretrain.py", "--config-file", PRE, f"train.init_checkpoint={missing}",
                 f"train.output_dir={tmp_path}/pre"])  # fmt: skip
-    assert _one_error_line(pre) == f"error: train.init_checkpoint: no such checkpoint file: {missing}"
+    assert (
+        _one_error_line(pre) == f"error: train.init_checkpoint: no such checkpoint file: {missing}"
+    )
     assert not (tmp_path / "seg").exists() and not (tmp_path / "pre").exists()
 
 

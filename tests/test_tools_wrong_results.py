@@ -317,7 +317,11 @@ def test_pretraining_override_none_is_python_none():
     assert cfg.train.data_path is None
     assert cfg.train.output_dir == "None"  # quoted: the string
     assert tool.python_none_overrides(["a=None", "b= None", "c=None_x", "d='None'", "+e=None"]) == [
-        "a=null", "b=null", "c=None_x", "d='None'", "+e=null"
+        "a=null",
+        "b=null",
+        "c=None_x",
+        "d='None'",
+        "+e=null",
     ]
 
 

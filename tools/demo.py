@@ -112,9 +112,8 @@ def _summary_line(drawn: int, totals, images_with, name_of, task: str, threshold
         return f"summary: {drawn} images drawn; classes (images they appear in): {seen or 'none'}"
     n = sum(totals.values())
     per_class = ", ".join(f"{name_of(c)} {k}" for c, k in totals.most_common())
-    return (
-        f"summary: {drawn} images drawn, {n} instances >= {threshold:.2f}"
-        + (f": {per_class}" if n else "")
+    return f"summary: {drawn} images drawn, {n} instances >= {threshold:.2f}" + (
+        f": {per_class}" if n else ""
     )
 
 

@@ -83,8 +83,7 @@ def polygon_area(polygon: Sequence[float]) -> float:
 
 def _finite_numbers(values: Sequence[Any]) -> bool:
     return all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        for v in values
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
     )
 
 
@@ -371,7 +370,7 @@ def load_coco_json_checked(
             f"{json_file}: {len(problems)} annotation(s) cannot be used as written "
             f"({unusable} unusable: training drops them, evaluation ignores them; "
             f"{len(problems) - unusable} with malformed polygons: removed): "
-            f"{describe_problems(problems)}"
+            f"{describe_problems(problems)}",
         )
     keys = list(kwargs.pop("extra_annotation_keys", None) or [])
     keys += [] if "id" in keys else ["id"]
