@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint as activation_checkpoint
 
+from .utils.precision import PRECISIONS
+
 __all__ = [
     "FastPaths",
     "PLAIN",
@@ -57,11 +59,8 @@ ATTN_CHOICES = ("auto", "sdpa", "explicit")
 # stages whose blocks are recomputed, and "attn": the attention core of the stage-3 blocks
 ACT_CHECKPOINT_CHOICES = (1, 2, 3, "attn")
 
-DTYPES: Dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
+# the short spellings of the one precision table (``--dtype`` choices)
+DTYPES: Dict[str, torch.dtype] = {name: PRECISIONS[name] for name in ("fp32", "bf16", "fp16")}
 
 
 @dataclass(frozen=True)

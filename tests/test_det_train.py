@@ -19,8 +19,9 @@ import convmae_det.data  # noqa: F401
 from convmae_det.checkpoint import CheckpointError
 from convmae_det.data.datasets.toy_coco import register_toy_coco
 from convmae_det.engine import (
-    MixedPrecisionTrainer,
+    ConvMAETrainer,
     OverrideTypeError,
+    RunSettings,
     build_trainer,
     check_datasets,
     check_override_types,
@@ -249,13 +250,24 @@ def test_paper_recipe_freezes_pos_embed_and_shares_one_group_per_table():
     assert _group_of(opt, table)["weight_decay"] == 0.0
 
 
-def test_amp_is_turned_off_on_cpu():
+def _train_settings(**overrides) -> RunSettings:
+    train = dict(max_iter=2, device="cpu", amp=dict(enabled=True, precision="bf16"))
+    train.update(overrides)
+    return RunSettings.from_lazy(OmegaConf.create(train))
+
+
+def test_amp_is_turned_off_on_cpu(caplog):
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    trainer = build_trainer(model, [], opt, device="cpu", amp_enabled=True, amp_precision="bf16")
-    assert type(trainer) is SimpleTrainer
-    with pytest.raises(ValueError, match="precision"):
-        build_trainer(model, [], opt, device="cuda", amp_enabled=True, amp_precision="fp8")
+    with caplog.at_level("WARNING"):
+        settings = _train_settings()
+    assert settings.precision is None and settings.precision_name == "fp32"
+    assert "train.amp.enabled=True ignored" in caplog.text
+    trainer = build_trainer(model, [], opt, settings)
+    assert isinstance(trainer, SimpleTrainer) and trainer.precision is None
+    assert not trainer.grad_scaler.is_enabled() and "grad_scaler" not in trainer.state_dict()
+    with pytest.raises(ValueError, match="train.amp.precision='fp8'"):
+        _train_settings(amp=dict(enabled=True, precision="fp8"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -266,9 +278,10 @@ def test_amp_training_steps_on_cuda(precision, data_root):
     cfg.optimizer.params.model = model
     opt = instantiate(cfg.optimizer)
     loader = instantiate(cfg.dataloader.train)
-    trainer = build_trainer(model, loader, opt, device="cuda", amp_enabled=True,
-                            amp_precision=precision)  # fmt: skip
-    assert isinstance(trainer, MixedPrecisionTrainer)
+    settings = _train_settings(device="cuda", amp=dict(enabled=True, precision=precision))
+    trainer = build_trainer(model, loader, opt, settings)
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert isinstance(trainer, ConvMAETrainer) and trainer.precision == want
     trainer.train(0, 2)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

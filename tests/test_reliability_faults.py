@@ -12,15 +12,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
-from detectron2.engine import HookBase, SimpleTrainer, hooks
+from detectron2.engine import HookBase, hooks
 
 from convmae_det.checkpoint import ConvMAECheckpointer
 from convmae_det.data.resumable_loader import BadSampleError, ResumableTrainLoader
-from convmae_det.engine import MixedPrecisionTrainer
+from convmae_det.engine import ConvMAETrainer
 from convmae_det.engine.hooks import (
     AMPOverflowCounter,
+    FiniteLossGuard,
     NonFiniteLossError,
-    install_finite_loss_check,
     scaler_step,
 )
 from convmae_det.engine.resume import newest_checkpoint, repair_last_checkpoint
@@ -42,8 +42,8 @@ class _Model(nn.Module):
 def _trainer(bad_at, mode):
     model = _Model()
     data = [[{"bad": i == bad_at}] for i in range(10)]
-    trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.1))
-    install_finite_loss_check(trainer, mode=mode, last_checkpoint=lambda: "out/model_0000001.pth")
+    guard = FiniteLossGuard(mode=mode, last_checkpoint=lambda: "out/model_0000001.pth")
+    trainer = ConvMAETrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.1), guard=guard)
     return trainer, model
 
 
@@ -101,8 +101,9 @@ def _two_process_worker(rank, init_file, mode, out_dir):
         model = _Model()
         ddp = nn.parallel.DistributedDataParallel(model)
         data = [[{"bad": rank == 1 and i == 2}] for i in range(6)]
-        trainer = SimpleTrainer(ddp, data, torch.optim.SGD(ddp.parameters(), lr=0.1))
-        install_finite_loss_check(trainer, mode=mode)
+        trainer = ConvMAETrainer(
+            ddp, data, torch.optim.SGD(ddp.parameters(), lr=0.1), guard=FiniteLossGuard(mode=mode)
+        )
         weights = []
         trainer.register_hooks(
             [hooks.CallbackHook(after_step=lambda t: weights.append(model.w.detach().clone()))]
@@ -139,10 +140,10 @@ def test_nan_on_one_process_is_seen_by_all_processes(tmp_path, mode):
 
 
 def test_unknown_nonfinite_mode_is_refused():
-    model = _Model()
-    trainer = SimpleTrainer(model, [], torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="train.nonfinite_loss='ignore'"):
-        install_finite_loss_check(trainer, mode="ignore")
+        FiniteLossGuard(mode="ignore")
+    with pytest.raises(ValueError, match="SOLVER.NONFINITE_LOSS='ignore'"):
+        FiniteLossGuard(mode="ignore", config_key="SOLVER.NONFINITE_LOSS")
 
 
 class _Linear(nn.Module):
@@ -163,8 +164,8 @@ def test_amp_overflow_counter_counts_the_fp16_steps_the_scaler_skipped(device, c
         pytest.skip("needs CUDA")
     model = _Linear().to(device)
     data = [torch.full((1, 4), 1e4 if i == 5 else 3.0, device=device) for i in range(8)]
-    trainer = MixedPrecisionTrainer(model, data, torch.optim.SGD(model.parameters(), lr=1e-3),
-                                    precision=torch.float16, device_type=device)  # fmt: skip
+    trainer = ConvMAETrainer(model, data, torch.optim.SGD(model.parameters(), lr=1e-3),
+                             precision=torch.float16, device_type=device)  # fmt: skip
     counter = AMPOverflowCounter()
     weights = {}
 
@@ -192,7 +193,7 @@ def test_amp_overflow_counter_counts_the_fp16_steps_the_scaler_skipped(device, c
 def test_amp_overflow_counter_is_silent_without_an_enabled_scaler():
     model = _Linear()
     data = [torch.full((1, 4), 3.0)] * 2
-    trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=1e-3))
+    trainer = ConvMAETrainer(model, data, torch.optim.SGD(model.parameters(), lr=1e-3))
     counter = AMPOverflowCounter()
     trainer.register_hooks([counter])
     trainer.train(0, 2)

@@ -93,7 +93,9 @@ def _assert_equal_tensors(a, b, what):
 def _assert_same_run_state(a, b):
     """Weights, AdamW moments and step counts, scheduler, seeds and iteration are identical."""
     assert a["iteration"] == b["iteration"] == MAX_ITER - 1
+    assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == MAX_ITER - 1
     _assert_equal_tensors(a["model"], b["model"], "model")
+    a, b = dict(a, **a["trainer"]), dict(b, **b["trainer"])  # optimizer and hooks: the trainer's
     opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
     assert opt_a.keys() == opt_b.keys() and len(opt_a) > 0
     for i in opt_a:
@@ -101,8 +103,9 @@ def _assert_same_run_state(a, b):
     assert [g["lr"] for g in a["optimizer"]["param_groups"]] == [
         g["lr"] for g in b["optimizer"]["param_groups"]
     ]
-    assert a["scheduler"] == b["scheduler"]
-    assert a["seeder"] == b["seeder"] and a["data_loader"] == b["data_loader"]
+    assert a["hooks"]["LRScheduler"] == b["hooks"]["LRScheduler"]
+    assert a["hooks"]["IterationSeeder"] == b["hooks"]["IterationSeeder"]
+    assert a["data_loader"] == b["data_loader"]
 
 
 def _metric_rows(out):
@@ -221,13 +224,15 @@ def test_a_random_run_seed_is_kept_in_the_checkpoint_and_reused_on_resume(tmp_pa
     cfg = _cfg(tmp_path, "SEED", "-1", "SOLVER.MAX_ITER", "2")
     do_seg_train(cfg, build_model(cfg))
     first = _load(tmp_path / "model_0000001.pth")
-    assert first["seeder"]["seed"] >= 0 and "seed" in first["data_loader"]
+    seeder = first["trainer"]["hooks"]["IterationSeeder"]
+    assert seeder["seed"] >= 0 and "seed" in first["data_loader"]
 
     cfg = _cfg(tmp_path, "SEED", "-1")  # would draw a new random seed
     do_seg_train(cfg, build_model(cfg), resume=True)
     final = _load(tmp_path / "model_final.pth")
     assert final["iteration"] == 3
-    assert final["seeder"] == first["seeder"] and final["data_loader"] == first["data_loader"]
+    assert final["trainer"]["hooks"]["IterationSeeder"] == seeder
+    assert final["data_loader"] == first["data_loader"]
 
 
 # --------------------------------------------------------------------------- non-finite loss
@@ -269,8 +274,9 @@ def test_nonfinite_loss_in_skip_mode_drops_that_update_logs_and_counts(tmp_path,
     before, after = _load(tmp_path / "model_0000001.pth"), _load(tmp_path / "model_0000002.pth")
     # weights, BatchNorm statistics and AdamW state are those of iteration 1
     _assert_equal_tensors(before["model"], after["model"], "model")
-    for i in before["optimizer"]["state"]:
-        _assert_equal_tensors(before["optimizer"]["state"][i], after["optimizer"]["state"][i], i)
+    before_opt, after_opt = before["trainer"]["optimizer"], after["trainer"]["optimizer"]
+    for i in before_opt["state"]:
+        _assert_equal_tensors(before_opt["state"][i], after_opt["state"][i], i)
     final = _load(tmp_path / "model_final.pth")["model"]
     assert any(not torch.equal(final[k], after["model"][k]) for k in final)  # training went on
     assert all(torch.isfinite(v.float()).all() for v in final.values())
@@ -361,7 +367,7 @@ def test_skip_bad_samples_logs_counts_and_replaces_reproducibly(tmp_path, bad_da
 
     # the training loop reports the count with the metrics
     do_seg_train(cfg, build_model(cfg))
-    rows = _metric_rows(tmp_path)
+    rows = [r for r in _metric_rows(tmp_path) if "total_loss" in r]  # not the evaluation row
     assert rows[-1]["iteration"] == 3 and rows[-1]["skipped_samples"] >= 2
 
 

@@ -78,10 +78,16 @@ def test_a_short_toy_training_lowers_the_loss_and_resumes_from_its_checkpoint(
             "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path)]  # fmt: skip
     cfg = get_seg_cfg(TOY_CFG, opts)
     seed_all_rng(0)
-    do_seg_train(cfg, build_model(cfg))
+    results = do_seg_train(cfg, build_model(cfg))
     with open(tmp_path / "metrics.json") as f:
         rows = [json.loads(line) for line in f]
-    assert [r["iteration"] for r in rows] == list(range(30))
+    # one row per iteration, then the evaluation after the last one (as every job writes it)
+    assert [r["iteration"] for r in rows] == list(range(31))
+    final = rows.pop()
+    assert "total_loss" not in final
+    assert final["sem_seg/mIoU"] == pytest.approx(
+        results["toy_ade20k_sem_seg_val"]["sem_seg"]["mIoU"]
+    )
     # the last value is a median over the last 20 iterations, the first a single iteration
     assert rows[-1]["total_loss"] < 0.85 * rows[0]["total_loss"]
     assert {"loss_sem_seg", "loss_aux", "lr", "time", "data_time"} <= set(rows[-1])
@@ -98,7 +104,7 @@ def test_a_short_toy_training_lowers_the_loss_and_resumes_from_its_checkpoint(
     do_seg_train(cfg, model, resume=True)
     with open(tmp_path / "metrics.json") as f:
         resumed = [json.loads(line) for line in f]
-    assert [r["iteration"] for r in resumed] == list(range(15, 30))
+    assert [r["iteration"] for r in resumed] == list(range(15, 31))
     assert resumed[0]["lr"] == pytest.approx(rows[15]["lr"])
 
 
@@ -121,8 +127,9 @@ def test_two_cpu_processes_train_and_evaluate_periodically_over_gloo(
     assert (tmp_path / "model_final.pth").exists()
     with open(tmp_path / "metrics.json") as f:
         rows = [json.loads(line) for line in f]
-    assert [r["iteration"] for r in rows] == [2, 5]
+    assert [r["iteration"] for r in rows] == [2, 5, 6]
     assert 0.0 <= rows[0]["sem_seg/mIoU"] <= 100.0  # periodic evaluation at iteration 3
+    assert 0.0 <= rows[2]["sem_seg/mIoU"] <= 100.0  # and the one after the last iteration
 
 
 def test_demo_entry_point_returns_miou_and_the_constant_baseline(toy_root, tmp_path):  # noqa: F811

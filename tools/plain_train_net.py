@@ -64,8 +64,7 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return do_seg_test(cfg, model)
-    model = do_seg_train(cfg, model, resume=args.resume)
-    return do_seg_test(cfg, model)
+    return do_seg_train(cfg, model, resume=args.resume)  # evaluates after the last iteration
 
 
 def preflight(args) -> None:

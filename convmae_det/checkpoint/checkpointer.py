@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch.nn as nn
 from detectron2.checkpoint import DetectionCheckpointer
@@ -30,6 +30,8 @@ class ConvMAECheckpointer(DetectionCheckpointer):
       and logs a :class:`CheckpointReport` (kept in ``self.last_report``). ``strict=True`` raises
       on missing encoder keys, unexpected keys and shape mismatches.
     * ``save(name)`` and ``last_checkpoint`` are written atomically (temporary file + rename).
+    * ``upgrade``, if given, rewrites a loaded file's top-level layout before the checkpointables
+      are restored (e.g. a resume point written by an older trainer).
     """
 
     def __init__(
@@ -40,9 +42,11 @@ class ConvMAECheckpointer(DetectionCheckpointer):
         strict: bool = False,
         allow_unsafe: bool = False,
         save_to_disk: Optional[bool] = None,
+        upgrade: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None,
         **checkpointables: Any,
     ):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.upgrade = upgrade
         self.strict = strict
         self.allow_unsafe = allow_unsafe
         self.last_report: Optional[CheckpointReport] = None
@@ -53,7 +57,7 @@ class ConvMAECheckpointer(DetectionCheckpointer):
         ckpt = load_checkpoint_file(filename, allow_unsafe=self.allow_unsafe)
         if "model" not in ckpt or not isinstance(ckpt["model"], dict):
             ckpt = {"model": ckpt}
-        return ckpt
+        return self.upgrade(ckpt) if self.upgrade is not None else ckpt
 
     def _load_model(self, checkpoint: Dict[str, Any]) -> _IncompatibleKeys:
         model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model

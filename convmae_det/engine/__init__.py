@@ -1,4 +1,5 @@
-"""Training helpers shared by the tools: LazyConfig setup, AMP trainer, optimizer groups, loops."""
+"""Training shared by every job: config setup, run settings, the one trainer and its run,
+optimizer groups."""
 
 from .config import (
     OverrideTypeError,
@@ -9,28 +10,17 @@ from .config import (
     default_lazy_setup,
     load_lazy_config,
 )
-from .lazy import (
-    build_checkpointer,
-    datasets_to_check,
-    lazy_eval_only,
-    lazy_test,
-    lazy_train,
-    load_weights,
-)
+from .lazy import build_checkpointer, datasets_to_check, lazy_eval_only, lazy_test, lazy_train
 from .optim import NORM_MODULE_TYPES, get_param_groups
-from .trainer import (
-    AMP_DTYPES,
-    MixedPrecisionTrainer,
-    build_trainer,
-    count_parameters,
-    resolve_device,
-)
+from .settings import RunSettings, resolve_device
+from .trainer import ConvMAETrainer, build_trainer, count_parameters
+from .training import load_weights, run_training
 
 __all__ = [
-    "AMP_DTYPES",
-    "MixedPrecisionTrainer",
+    "ConvMAETrainer",
     "NORM_MODULE_TYPES",
     "OverrideTypeError",
+    "RunSettings",
     "build_checkpointer",
     "build_trainer",
     "check_datasets",
@@ -47,4 +37,5 @@ __all__ = [
     "load_lazy_config",
     "load_weights",
     "resolve_device",
+    "run_training",
 ]

@@ -1,20 +1,17 @@
-"""Training-loop safeguards: a non-finite loss check that names the iteration and the loss terms,
-and a counter of the fp16 steps the gradient scaler skipped.
+"""Training safeguards and counters: the non-finite loss policy, the fp16 steps the gradient
+scaler skipped, the training samples skipped as unreadable, and the lr as a recipe states it.
 
-detectron2's ``SimpleTrainer`` writes the metrics (``_write_metrics``) after ``backward`` and
-before ``optimizer.step``; :func:`install_finite_loss_check` checks the loss terms there (averaged
-over all processes, so every process takes the same decision), so that a NaN / Inf never reaches
+The non-finite loss policy (:class:`FiniteLossGuard`) is applied by
+:class:`convmae_det.engine.trainer.ConvMAETrainer` to the loss terms averaged over all processes
+(so every process takes the same decision), before backward, so that a NaN / Inf never reaches
 the weights:
 
 * ``mode="stop"``: raise :class:`NonFiniteLossError` (iteration, offending terms, all terms, the
   last good checkpoint). The periodic checkpointer saved nothing at that iteration, so
   ``--resume`` continues from the last good checkpoint.
-* ``mode="skip"``: log a warning, count it (``nonfinite_skipped`` in the metrics) and drop the
-  gradients of that batch (no parameter changes; with an fp16 scaler, the scaler skips the
-  step). After ``max_skips`` skipped batches the run stops as in "stop".
-
-The decision itself is :class:`FiniteLossGuard`, which loops without a ``SimpleTrainer`` (the
-segmentation loop) call directly.
+* ``mode="skip"``: log a warning, count it (``nonfinite_skipped`` in the metrics) and drop that
+  batch (no backward, no optimizer step, BatchNorm statistics restored). After ``max_skips``
+  skipped batches the run stops as in "stop".
 """
 
 from __future__ import annotations
@@ -24,15 +21,16 @@ import math
 from typing import Callable, Dict, Mapping, Optional
 
 import torch
-from detectron2.engine import HookBase, SimpleTrainer
+from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 __all__ = [
     "AMPOverflowCounter",
     "FiniteLossGuard",
+    "LRScheduler",
     "NonFiniteLossError",
-    "install_finite_loss_check",
+    "SkippedSamplesCounter",
     "mean_over_processes",
     "scaler_step",
     "nonfinite_terms",
@@ -122,35 +120,6 @@ class FiniteLossGuard:
         )
 
 
-def install_finite_loss_check(
-    trainer: SimpleTrainer,
-    *,
-    mode: str = "stop",
-    max_skips: int = 10,
-    last_checkpoint: Optional[Callable[[], str]] = None,
-) -> None:
-    """Check every iteration's loss terms before the optimizer step (see the module docstring).
-
-    Args:
-        trainer: a detectron2 ``SimpleTrainer`` (or subclass, e.g. the AMP trainers).
-        mode: "stop" or "skip".
-        max_skips: "skip" mode stops after this many skipped batches.
-        last_checkpoint: returns the path of the last saved checkpoint (for the message).
-    """
-    guard = FiniteLossGuard(mode=mode, max_skips=max_skips, last_checkpoint=last_checkpoint)
-    write_metrics = trainer._write_metrics  # bound method of the trainer's class
-
-    def checked_write_metrics(loss_dict, data_time, prefix="", iter=None):
-        if guard.check(mean_over_processes(loss_dict), trainer.iter if iter is None else iter):
-            scaler = getattr(trainer, "grad_scaler", None)
-            if scaler is None or not scaler.is_enabled():
-                trainer.optimizer.zero_grad(set_to_none=True)
-            return None
-        return write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
-
-    trainer._write_metrics = checked_write_metrics
-
-
 def scaler_step(scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer) -> bool:
     """``scaler.step(optimizer)`` + ``scaler.update()``. Returns True when the fp16 scaler skipped
     the step because of inf / NaN gradients (it then lowers its scale), for the loops that count
@@ -191,3 +160,30 @@ class AMPOverflowCounter(HookBase):
 
     def load_state_dict(self, state: dict) -> None:
         self.overflows = int(state.get("overflows", 0))
+
+
+class SkippedSamplesCounter(HookBase):
+    """Log ``skipped_samples``: the training samples a loader with ``skip_bad_samples`` replaced
+    because they could not be read (see :class:`convmae_det.data.ResumableTrainLoader`). Silent
+    for loaders that do not skip."""
+
+    def __init__(self, data_loader: object):
+        self._loader = data_loader
+
+    def after_step(self) -> None:
+        if getattr(self._loader, "skip_bad_samples", False):
+            count = int(getattr(self._loader, "num_skipped", 0))
+            self.trainer.storage.put_scalar("skipped_samples", count, smoothing_hint=False)
+
+
+class LRScheduler(hooks.LRScheduler):
+    """detectron2's ``LRScheduler`` hook, logging the recipe's lr: a group with an ``lr_scale``
+    (layer-wise decay) is logged as ``lr / lr_scale``, i.e. the base lr of the schedule; groups
+    without one as detectron2 logs them. Same class name, so its checkpoint state (kept under the
+    hook's class name) is interchangeable with detectron2's hook."""
+
+    def after_step(self) -> None:
+        group = self._optimizer.param_groups[self._best_param_group_id]
+        lr = group["lr"] / group.get("lr_scale", 1.0)
+        self.trainer.storage.put_scalar("lr", lr, smoothing_hint=False)
+        self.scheduler.step()

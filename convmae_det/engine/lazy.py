@@ -14,13 +14,10 @@ datasets are checked before anything is built, and the final metrics are returne
 from __future__ import annotations
 
 import logging
-import os
-import time
 from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
 from detectron2.config import instantiate
-from detectron2.engine import default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
@@ -28,10 +25,10 @@ from omegaconf import DictConfig
 
 from ..checkpoint import ConvMAECheckpointer
 from .config import check_datasets, dataset_names_in_config
-from .hooks import AMPOverflowCounter, install_finite_loss_check
-from .resume import drop_metrics_after, remove_leftover_temp_files, resume_newest
-from .reproducibility import IterationSeeder, enable_determinism, resolve_run_seed
-from .trainer import build_trainer, count_parameters, resolve_device
+from .reproducibility import enable_determinism
+from .settings import RunSettings, resolve_device
+from .trainer import count_parameters
+from .training import load_weights, run_training
 
 __all__ = [
     "build_checkpointer",
@@ -61,20 +58,6 @@ def build_checkpointer(model: nn.Module, save_dir: str = "", **kwargs) -> ConvMA
     return ConvMAECheckpointer(model, save_dir, **kwargs)
 
 
-def load_weights(checkpointer: ConvMAECheckpointer, path: str, *, strict: bool = False) -> None:
-    """Load ``path`` into the checkpointer's model (no-op when empty). The loader logs its
-    report; with ``strict`` anything unexplained (missing, unexpected, mismatched) raises
-    :class:`convmae_det.checkpoint.CheckpointError`."""
-    if not path:
-        logger.info("No init checkpoint: training from scratch")
-        return
-    previous, checkpointer.strict = checkpointer.strict, strict
-    try:
-        checkpointer.load(path)
-    finally:
-        checkpointer.strict = previous
-
-
 def lazy_test(cfg: DictConfig, model: nn.Module) -> Dict[str, Any]:
     """Run ``cfg.dataloader.evaluator`` over ``cfg.dataloader.test``; {} without an evaluator."""
     if "evaluator" not in cfg.dataloader:
@@ -87,7 +70,7 @@ def lazy_test(cfg: DictConfig, model: nn.Module) -> Dict[str, Any]:
 
 
 def _device(cfg: DictConfig) -> str:
-    device = resolve_device(cfg.train.get("device", "cuda"))
+    device = resolve_device(cfg.train.get("device", "cuda"), key="train.device")
     cfg.train.device = device
     return device
 
@@ -111,19 +94,19 @@ def lazy_train(
     strict: Optional[bool] = None,
     timings: Optional[Dict[str, float]] = None,
 ) -> Dict[str, Any]:
-    """Train ``cfg`` from ``train.init_checkpoint`` (or resume from ``train.output_dir``).
+    """Train ``cfg`` from ``train.init_checkpoint`` (or resume from ``train.output_dir``) with
+    :func:`convmae_det.engine.training.run_training`.
 
     Periodic checkpoints (``train.checkpointer``), evaluation every ``train.eval_period`` and at
     the end, ``metrics.json`` / tensorboard / console (with ETA) every ``train.log_period``.
     Returns the results of the last evaluation ({} when none ran). ``timings``, if given, receives
     ``train_seconds`` (the training loop without evaluation) and ``eval_seconds``.
     """
-    timings = {} if timings is None else timings
-    timings.update(train_seconds=0.0, eval_seconds=0.0)
     check_datasets(dataset_names_in_config(cfg))
-    device = _device(cfg)
+    settings = RunSettings.from_lazy(cfg.train)
+    cfg.train.device = settings.device
     enable_determinism(bool(cfg.train.get("deterministic", False)))
-    model = instantiate(cfg.model).to(device)
+    model = instantiate(cfg.model).to(settings.device)
     logger.info(
         f"Model: {type(model).__name__}, {count_parameters(model) / 1e6:.2f} M parameters "
         f"({count_parameters(model, trainable_only=True) / 1e6:.2f} M trainable)"
@@ -131,68 +114,16 @@ def lazy_train(
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
-
     model = create_ddp_model(model, **cfg.train.ddp)
-    amp = cfg.train.get("amp", {})
-    trainer = build_trainer(
+    return run_training(
         model,
         train_loader,
         optimizer,
-        device=device,
-        amp_enabled=bool(amp.get("enabled", False)),
-        amp_precision=str(amp.get("precision", "bf16")),
+        instantiate(cfg.lr_multiplier),
+        settings,
+        evaluate=lambda: lazy_test(cfg, model),
+        weights=cfg.train.init_checkpoint,
+        resume=resume,
+        strict=cfg.train.get("init_strict", False) if strict is None else strict,
+        timings=timings,
     )
-    loader_state = {"data_loader": train_loader} if hasattr(train_loader, "state_dict") else {}
-    checkpointer = build_checkpointer(model, cfg.train.output_dir, trainer=trainer, **loader_state)
-    install_finite_loss_check(
-        trainer,
-        mode=str(cfg.train.get("nonfinite_loss", "stop")),
-        last_checkpoint=lambda: checkpointer.get_checkpoint_file() or "",
-    )
-    last_results: Dict[str, Any] = {}
-
-    def evaluate() -> Dict[str, Any]:
-        start = time.perf_counter()
-        last_results.clear()
-        last_results.update(lazy_test(cfg, model))
-        timings["eval_seconds"] += time.perf_counter() - start
-        return dict(last_results)
-
-    main = comm.is_main_process()
-    trainer.register_hooks(
-        [
-            IterationSeeder(resolve_run_seed(cfg.train.get("seed", -1)), train_loader),
-            AMPOverflowCounter(),
-            hooks.IterationTimer(),
-            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
-            hooks.EvalHook(cfg.train.eval_period, evaluate),
-        ]
-    )
-    if main:  # saves killed mid-way left these
-        remove_leftover_temp_files(cfg.train.output_dir)
-    if resume and resume_newest(checkpointer) is not None:
-        start_iter = trainer.iter + 1  # the checkpoint holds the last finished iteration
-    else:
-        strict = cfg.train.get("init_strict", False) if strict is None else strict
-        load_weights(checkpointer, cfg.train.init_checkpoint, strict=strict)
-        start_iter = 0
-    if main:
-        if resume:  # rows logged after the checkpoint: the resumed run logs them again
-            drop_metrics_after(os.path.join(cfg.train.output_dir, "metrics.json"), start_iter - 1)
-        # the writers (last hook) open metrics.json for appending: only once it was cut
-        trainer.register_hooks(
-            [
-                hooks.PeriodicWriter(
-                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
-                    period=cfg.train.log_period,
-                )
-            ]
-        )
-    if start_iter >= cfg.train.max_iter:
-        logger.info(f"Nothing to train: start_iter={start_iter} >= max_iter={cfg.train.max_iter}")
-        return evaluate()
-    start = time.perf_counter()
-    trainer.train(start_iter, cfg.train.max_iter)
-    timings["train_seconds"] = time.perf_counter() - start - timings["eval_seconds"]
-    return dict(last_results)

@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from detectron2.utils import comm
 
+from ..solver import build_param_groups
+from ..utils.precision import parse_precision
 from .hooks import scaler_step
 from .pretrain_checkpoint import checkpoint_name, find_last_checkpoint, load_pretrain_checkpoint
 from .pretrain_checkpoint import plain_args, prune_iteration_checkpoints, restore_pretraining
@@ -34,6 +36,7 @@ from .pretrain_data import ImageFiles, build_pretrain_loader, build_pretrain_tra
 from .pretrain_data import iters_per_epoch, resolve_data_path
 from .reproducibility import derive_seed, resolve_run_seed, seed_everything
 from .resume import decide_on_main_process, drop_metrics_after, remove_leftover_temp_files
+from .settings import resolve_device
 
 __all__ = [
     "PRETRAIN_DEFAULTS",
@@ -78,16 +81,17 @@ PRETRAIN_DEFAULTS: Dict[str, Any] = dict(
 
 
 def pretrain_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """AdamW groups: trainable parameters with ``ndim <= 1`` (norms, biases) get no weight decay
-    (as ``timm.optim_factory.add_weight_decay`` in the official code); frozen ones are left out."""
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    return [
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": decay, "weight_decay": weight_decay},
-    ]
+    """AdamW groups ``[no_decay, decay]`` of MAE's ``param_groups_weight_decay`` (the official
+    code's ``timm.optim_factory.add_weight_decay``): trainable parameters with ``ndim <= 1`` (norms,
+    biases) get no weight decay, every other one does (no named tables); frozen ones are left
+    out. No ``lr`` entry: the optimizer's default, set per step by the schedule."""
+    return build_param_groups(
+        model,
+        weight_decay=weight_decay,
+        no_decay_rule="ndim",
+        no_decay_names=(),
+        no_decay_first=True,
+    )
 
 
 def lr_at(epoch: float, *, lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
@@ -112,6 +116,7 @@ def _options(train: Mapping[str, Any]) -> Dict[str, Any]:
 def _device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = resolve_device(name, key="train.device")
     if name == "cuda":
         return torch.device("cuda", comm.get_local_rank() if dist.is_initialized() else 0)
     return torch.device(name)
@@ -212,7 +217,7 @@ class PretrainRunner:
             betas=tuple(opt["betas"]),
         )
         self.use_amp = bool(opt["amp"]) and self.device.type == "cuda"
-        self.amp_dtype = getattr(torch, opt["amp_dtype"])
+        self.amp_dtype = parse_precision(opt["amp_dtype"], key="train.amp_dtype", allow_fp32=False)
         fp16 = self.use_amp and self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.amp_overflows = 0  # fp16 steps the scaler skipped (inf / NaN gradients)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -24,7 +23,7 @@ from detectron2.utils.logger import setup_logger
 from PIL import Image
 
 from ..data.sem_seg_mapper import SemSegDatasetMapper, read_label
-from .seg_train_loop import do_seg_test, do_seg_train, get_seg_cfg
+from .seg_train_loop import do_seg_train, get_seg_cfg
 
 __all__ = [
     "TOY_CONFIG",
@@ -139,13 +138,10 @@ def _run(cfg, output_dir: str) -> Dict[str, float]:
     seed_all_rng(cfg.SEED)
     model = build_model(cfg)
 
-    t0 = time.perf_counter()
-    model = do_seg_train(cfg, model)
-    train_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    timings: Dict[str, float] = {}
     dataset = cfg.DATASETS.TEST[0]
-    metrics = do_seg_test(cfg, model)[dataset]["sem_seg"]
-    test_seconds = time.perf_counter() - t0
+    metrics = do_seg_train(cfg, model, timings=timings)[dataset]["sem_seg"]  # evaluates at the end
+    train_seconds, test_seconds = timings["train_seconds"], timings["eval_seconds"]
     baseline = evaluate_constant_baseline(cfg, dataset)
     example = os.path.join(output_dir, "segmentation_example.png")
     _save_example(cfg, model, dataset, example)

@@ -16,6 +16,7 @@ the run the peak is ``0.5 ** POLY_LR_POWER`` of ``BASE_LR``.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Dict, List
 
 import torch
@@ -25,7 +26,7 @@ from detectron2.solver import build_lr_scheduler as d2_build_lr_scheduler
 from detectron2.solver import build_optimizer as d2_build_optimizer
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
-from ..solver import get_convvit_lr_decay_rate, is_no_weight_decay
+from ..solver import build_param_groups, get_convvit_lr_decay_rate
 
 __all__ = [
     "get_layer_decay_param_groups",
@@ -49,30 +50,24 @@ def get_layer_decay_param_groups(
     layer_decay: float,
     num_layers: int,
 ) -> List[Dict]:
-    """Parameter groups with ``lr = base_lr * scale`` and weight decay 0 where it does not apply.
+    """Parameter groups of mmseg's layer-decay constructor: ``lr = base_lr * scale`` with the
+    layer-wise scale of :func:`~convmae_det.solver.get_convvit_lr_decay_rate`, no weight decay on
+    1-D parameters nor on the tables of :data:`~convmae_det.solver.NO_WEIGHT_DECAY_NAMES`.
 
     Each group carries ``lr_scale`` and ``names`` (for logging and tests). Parameters with the
     same (scale, decay) share a group.
     """
-    groups: Dict[tuple, Dict] = {}
-    for name, p in _unwrap(model).named_parameters():
-        if not p.requires_grad:
-            continue
-        scale = get_convvit_lr_decay_rate(name, layer_decay, num_layers)
-        wd = 0.0 if is_no_weight_decay(name, p.ndim) else weight_decay
-        group = groups.setdefault(
-            (scale, wd),
-            {
-                "params": [],
-                "names": [],
-                "lr": base_lr * scale,
-                "weight_decay": wd,
-                "lr_scale": scale,
-            },
-        )
-        group["params"].append(p)
-        group["names"].append(name)
-    return list(groups.values())
+    return build_param_groups(
+        _unwrap(model),
+        base_lr=base_lr,
+        weight_decay=weight_decay,
+        no_decay_rule="ndim",
+        lr_factor_func=partial(
+            get_convvit_lr_decay_rate, lr_decay_rate=layer_decay, num_layers=num_layers
+        ),
+        with_lr_scale=True,
+        with_names=True,
+    )
 
 
 def _num_backbone_layers(model: nn.Module) -> int:

@@ -1,10 +1,11 @@
-"""The plain training / evaluation loop behind ``tools/plain_train_net.py`` (segmentation).
+"""Segmentation training and evaluation behind ``tools/plain_train_net.py`` (yacs configs).
 
-In the spirit of detectron2's ``tools/plain_train_net.py``, with what our recipe needs kept here in
-the library: yacs setup with ``add_convmae_config`` and checked overrides (CPU fallback when CUDA
-is absent), our optimizer and poly schedule, :class:`ConvMAECheckpointer` for ``MODEL.WEIGHTS``
-and resume, AMP on CUDA, DDP (NCCL or CPU gloo through ``launch``), periodic checkpoints and
-evaluation, metrics printed with an ETA and written to ``metrics.json`` and tensorboard.
+The job builds what is its own (yacs setup with ``add_convmae_config`` and checked overrides, the
+UperNet model, the layer-decay AdamW and poly schedule, the ADE20K-style loader, the mIoU
+evaluation) and trains on the one trainer of every job
+(:func:`convmae_det.engine.training.run_training`: AMP on CUDA, DDP over NCCL or CPU gloo,
+detectron2's hooks for periodic checkpoints and evaluation, metrics printed with an ETA and
+written to ``metrics.json`` and tensorboard).
 
 Reliability, as in the detection trainer (``docs/RELIABILITY.md``):
 
@@ -25,31 +26,28 @@ Reliability, as in the detection trainer (``docs/RELIABILITY.md``):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
-import time
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
 import detectron2.utils.comm as comm
 import torch
 import torch.nn as nn
-from detectron2.checkpoint import PeriodicCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
-from detectron2.engine import create_ddp_model, default_writers
+from detectron2.engine import create_ddp_model
 from detectron2.evaluation import SemSegEvaluator, inference_on_dataset, print_csv_format
-from detectron2.evaluation.testing import flatten_results_dict
-from detectron2.utils.events import EventStorage
 
-from ..checkpoint import ConvMAECheckpointer
 from ..config import add_convmae_config, merge_config_file_safely
 from ..data.resumable_loader import ResumableTrainLoader
 from ..data.sem_seg_mapper import SemSegDatasetMapper, check_num_classes
-from .hooks import FiniteLossGuard, mean_over_processes, scaler_step
-from .reproducibility import IterationSeeder, derive_seed, resolve_run_seed
-from .resume import drop_metrics_after, remove_leftover_temp_files, resume_newest
+from .reproducibility import derive_seed, resolve_run_seed
 from .seg_solver import build_seg_lr_scheduler, build_seg_optimizer
+from .settings import RunSettings, resolve_device
+from .training import run_training
 from .yacs_overrides import merge_checked_overrides
 
 __all__ = [
@@ -58,11 +56,9 @@ __all__ = [
     "check_seg_batch_norm",
     "do_seg_test",
     "do_seg_train",
-    "AMP_DTYPES",
 ]
 
 logger = logging.getLogger("convmae_det")
-AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _DATA_SEED = 0x5E65  # domain separator: the loader's seed is derived from the run seed
 
 
@@ -81,9 +77,7 @@ def get_seg_cfg(config_file: str = "", opts: Optional[List[str]] = None) -> CfgN
         merge_config_file_safely(cfg, config_file)  # never runs code from the YAML
     if opts:
         merge_checked_overrides(cfg, opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("MODEL.DEVICE=%s but CUDA is not available: using the CPU", cfg.MODEL.DEVICE)
-        cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE, key="MODEL.DEVICE")
     return cfg
 
 
@@ -104,28 +98,6 @@ def do_seg_test(cfg: CfgNode, model: nn.Module) -> "OrderedDict[str, Dict]":
             logger.info(f"Evaluation results for {name} in csv format:")
             print_csv_format(res)
     return results
-
-
-def _amp_settings(cfg: CfgNode, device: torch.device):
-    enabled = bool(cfg.SOLVER.AMP.ENABLED)
-    if enabled and device.type != "cuda":
-        logger.warning("SOLVER.AMP.ENABLED ignored: mixed precision is used on CUDA only")
-        enabled = False
-    if cfg.SOLVER.AMP.DTYPE not in AMP_DTYPES:
-        raise ValueError(f"SOLVER.AMP.DTYPE={cfg.SOLVER.AMP.DTYPE!r}; expected {list(AMP_DTYPES)}")
-    dtype = AMP_DTYPES[cfg.SOLVER.AMP.DTYPE]
-    scaler = torch.amp.GradScaler("cuda", enabled=enabled and dtype == torch.float16)
-    return enabled, dtype, scaler
-
-
-def _clip_gradients(cfg: CfgNode, params: List[torch.Tensor]) -> None:
-    clip = cfg.SOLVER.CLIP_GRADIENTS
-    if not clip.ENABLED:
-        return
-    if clip.CLIP_TYPE == "value":
-        torch.nn.utils.clip_grad_value_(params, clip.CLIP_VALUE)
-    else:
-        torch.nn.utils.clip_grad_norm_(params, clip.CLIP_VALUE, clip.NORM_TYPE)
 
 
 def build_seg_train_loader(cfg: CfgNode, *, seed: Optional[int] = None) -> ResumableTrainLoader:
@@ -181,151 +153,87 @@ def check_seg_batch_norm(cfg: CfgNode, world_size: int) -> None:
         raise ValueError(_one_image_advice(cfg, world_size))
 
 
-def _norm_statistics(model: nn.Module) -> List[torch.Tensor]:
-    """The running statistics of the BatchNorm layers (what a forward pass changes)."""
-    return [
-        b
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase)
-        for b in m.buffers(recurse=False)
-    ]
+def _grad_clip(cfg: CfgNode):
+    """``SOLVER.CLIP_GRADIENTS`` as a function of the parameters (None when disabled)."""
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if not clip.ENABLED:
+        return None
+    if clip.CLIP_TYPE == "value":
+        return functools.partial(torch.nn.utils.clip_grad_value_, clip_value=clip.CLIP_VALUE)
+    return functools.partial(
+        torch.nn.utils.clip_grad_norm_, max_norm=clip.CLIP_VALUE, norm_type=clip.NORM_TYPE
+    )
 
 
-def _load_or_resume(checkpointer: ConvMAECheckpointer, weights: str, resume: bool) -> int:
-    """Load ``weights`` or, with ``resume``, the newest readable checkpoint with everything
-    needed to continue; returns the first iteration to run. The main process first removes the
-    ``.tmp-*`` files of killed saves and, on a resume, the ``metrics.json`` rows logged after the
-    checkpoint (call before the writers open it)."""
-    if comm.is_main_process():
-        remove_leftover_temp_files(checkpointer.save_dir)
-    state = resume_newest(checkpointer) if resume else None
-    if state is None:
-        checkpointer.resume_or_load(weights, resume=False)
-    start = 0 if state is None else state.get("iteration", -1) + 1
-    if resume and comm.is_main_process():
-        drop_metrics_after(os.path.join(checkpointer.save_dir, "metrics.json"), start - 1)
-    return start
+def _evaluation(cfg: CfgNode, model: nn.Module, results: "OrderedDict[str, Dict]"):
+    """The evaluation of the training run: :func:`do_seg_test` (its results kept in
+    ``results``), named for the event storage "sem_seg/mIoU" for one test set,
+    "<dataset>/sem_seg/mIoU" for several."""
+
+    def evaluate() -> Dict:
+        results.clear()
+        results.update(do_seg_test(cfg, model))
+        if comm.is_main_process() and len(results) == 1:
+            return next(iter(results.values()))
+        return dict(results)
+
+    return evaluate
 
 
-def do_seg_train(cfg: CfgNode, model: nn.Module, *, resume: bool = False) -> nn.Module:
-    """Train ``model`` (not yet wrapped in DDP) for ``cfg.SOLVER.MAX_ITER`` iterations.
+def do_seg_train(
+    cfg: CfgNode,
+    model: nn.Module,
+    *,
+    resume: bool = False,
+    timings: Optional[Dict[str, float]] = None,
+) -> "OrderedDict[str, Dict]":
+    """Train ``model`` (not yet wrapped in DDP) for ``cfg.SOLVER.MAX_ITER`` iterations on the
+    one trainer (:func:`convmae_det.engine.training.run_training`).
 
     Loads ``MODEL.WEIGHTS`` (any supported format) or, with ``resume``, the newest complete
     checkpoint in ``OUTPUT_DIR`` with its optimizer, scheduler, scaler, seeds and iteration (see
-    the module docstring). Evaluates every ``TEST.EVAL_PERIOD`` iterations and writes metrics
-    every ``SOLVER.LOG_PERIOD``. Returns the (possibly DDP-wrapped) model.
+    the module docstring). Evaluates every ``TEST.EVAL_PERIOD`` iterations and after the last
+    one, writes metrics every ``SOLVER.LOG_PERIOD``. Returns the last evaluation's results, as
+    :func:`do_seg_test` gives them (``{dataset: {"sem_seg": {...}}}`` on the main process).
+    ``model`` itself is trained (in place). ``timings``, if given, receives ``train_seconds``
+    and ``eval_seconds``.
     """
     for name in cfg.DATASETS.TRAIN:
         check_num_classes(name, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
-    check_seg_batch_norm(cfg, comm.get_world_size())
+    world = comm.get_world_size()
+    check_seg_batch_norm(cfg, world)
+    settings = RunSettings.from_yacs(cfg)
     model.train()
-    device = next(model.parameters()).device
     optimizer = build_seg_optimizer(cfg, model)
     scheduler = build_seg_lr_scheduler(cfg, optimizer)
-    amp, amp_dtype, scaler = _amp_settings(cfg, device)
-    seeder = IterationSeeder(resolve_run_seed(cfg.SEED))
-    loader = build_seg_train_loader(cfg, seed=derive_seed(seeder.seed, _DATA_SEED))
-    extra = {"scaler": scaler} if scaler.is_enabled() else {}
-    checkpointer = ConvMAECheckpointer(
-        model, cfg.OUTPUT_DIR, optimizer=optimizer, scheduler=scheduler, seeder=seeder,
-        data_loader=loader, **extra,
-    )  # fmt: skip
-    guard = FiniteLossGuard(
-        mode=cfg.SOLVER.NONFINITE_LOSS,
-        max_skips=cfg.SOLVER.NONFINITE_MAX_SKIPS,
-        last_checkpoint=lambda: checkpointer.get_checkpoint_file() or "",
-        config_key="SOLVER.NONFINITE_LOSS",
-    )
-    start_iter = _load_or_resume(checkpointer, cfg.MODEL.WEIGHTS, resume)
-    max_iter = cfg.SOLVER.MAX_ITER
-    periodic = None
-    if comm.is_main_process():
-        periodic = PeriodicCheckpointer(
-            checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=max_iter,
-            max_to_keep=cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP or None,
-        )  # fmt: skip
-    writers = default_writers(cfg.OUTPUT_DIR, max_iter) if comm.is_main_process() else []
-    norm_stats = _norm_statistics(model) if guard.mode == "skip" else []
+    seed = resolve_run_seed(cfg.SEED)
+    settings = dataclasses.replace(settings, seed=seed)  # the loader's seed derives from it
+    loader = build_seg_train_loader(cfg, seed=derive_seed(seed, _DATA_SEED))
     model = create_ddp_model(model, broadcast_buffers=False)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    loader.set_start_iter(start_iter)
-    log_period = max(1, cfg.SOLVER.LOG_PERIOD)
-    logger.info(
-        f"Starting training from iteration {start_iter} to {max_iter} (run seed {seeder.seed}, "
-        f"data seed {loader.seed})"
-    )
-    overflows = 0  # fp16 steps the scaler skipped (inf / NaN gradients)
-    with EventStorage(start_iter) as storage:
-        data_iter = iter(loader)
-        for iteration in range(start_iter, max_iter):
-            storage.iter = iteration
-            seeder.seed_iteration(iteration)
-            t0 = time.perf_counter()
-            data = next(data_iter)
-            data_time = time.perf_counter() - t0
-
-            saved_stats = [b.clone() for b in norm_stats]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                try:
-                    loss_dict = model(data)
-                except ValueError as exc:
-                    if _ONE_VALUE not in str(exc):
-                        raise
-                    world = comm.get_world_size()
-                    raise ValueError(
-                        f"a BatchNorm got 1 value per channel in training: "
-                        f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} over {world} "
-                        f"process(es) gives {cfg.SOLVER.IMS_PER_BATCH // world} image(s) per "
-                        "process; use at least 2 per process, or GN for the norm keys "
-                        "(MODEL.SEM_SEG_HEAD.NORM, MODEL.AUX_HEAD.NORM, MODEL.CONVVIT.E4_NORM) "
-                        f"(PyTorch: {exc})"
-                    ) from exc
-            losses = sum(loss_dict.values())
-            reduced = mean_over_processes(loss_dict)
-            if guard.check(reduced, iteration):  # raises in "stop" mode
-                for buffer, saved in zip(norm_stats, saved_stats):
-                    buffer.copy_(saved)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(losses).backward()
-                if cfg.SOLVER.CLIP_GRADIENTS.ENABLED:
-                    scaler.unscale_(optimizer)
-                    _clip_gradients(cfg, params)
-                if scaler_step(scaler, optimizer):
-                    overflows += 1
-                    logger.info(f"fp16 overflow at iteration {iteration}: step skipped by scaler")
-                if scaler.is_enabled():
-                    storage.put_scalar("amp_overflow_steps", overflows, smoothing_hint=False)
-                if comm.is_main_process():
-                    storage.put_scalars(total_loss=sum(reduced.values()), **reduced)
-
-            if comm.is_main_process():
-                storage.put_scalars(time=time.perf_counter() - t0, data_time=data_time)
-                if loader.skip_bad_samples:
-                    storage.put_scalar("skipped_samples", loader.num_skipped, smoothing_hint=False)
-            group = optimizer.param_groups[0]
-            storage.put_scalar("lr", group["lr"] / group.get("lr_scale", 1.0), smoothing_hint=False)
-            scheduler.step()
-
-            last = iteration == max_iter - 1
-            if (
-                cfg.TEST.EVAL_PERIOD > 0
-                and (iteration + 1) % cfg.TEST.EVAL_PERIOD == 0
-                and not last
-            ):
-                res = do_seg_test(cfg, model)
-                if comm.is_main_process():
-                    # "sem_seg/mIoU" for one test set, "<dataset>/sem_seg/mIoU" for several
-                    res = next(iter(res.values())) if len(res) == 1 else dict(res)
-                    storage.put_scalars(**flatten_results_dict(res), smoothing_hint=False)
-                model.train()
-                comm.synchronize()
-            if (iteration + 1) % log_period == 0 or last:
-                for writer in writers:
-                    writer.write()
-            if periodic is not None:
-                periodic.step(iteration)
-    for writer in writers:
-        writer.close()
-    return model
+    logger.info(f"Training data seed {loader.seed} (run seed {seed})")
+    results: "OrderedDict[str, Dict]" = OrderedDict()
+    try:
+        run_training(
+            model,
+            loader,
+            optimizer,
+            scheduler,
+            settings,
+            evaluate=_evaluation(cfg, model, results),
+            weights=cfg.MODEL.WEIGHTS,
+            resume=resume,
+            grad_clip=_grad_clip(cfg),
+            timings=timings,
+        )
+    except ValueError as exc:
+        if _ONE_VALUE not in str(exc):
+            raise
+        raise ValueError(
+            f"a BatchNorm got 1 value per channel in training: "
+            f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} over {world} "
+            f"process(es) gives {cfg.SOLVER.IMS_PER_BATCH // world} image(s) per "
+            "process; use at least 2 per process, or GN for the norm keys "
+            "(MODEL.SEM_SEG_HEAD.NORM, MODEL.AUX_HEAD.NORM, MODEL.CONVVIT.E4_NORM) "
+            f"(PyTorch: {exc})"
+        ) from exc
+    return results

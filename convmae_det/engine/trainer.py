@@ -1,51 +1,68 @@
-"""Trainers: detectron2's SimpleTrainer, and an AMP trainer that takes bf16 or fp16.
+"""The one trainer of every training job: detectron2's ``SimpleTrainer`` with mixed precision,
+the non-finite loss policy and gradient clipping in its step.
 
-detectron2's ``AMPTrainer`` asserts CUDA and uses the deprecated ``torch.cuda.amp`` entry
-points; :class:`MixedPrecisionTrainer` uses ``torch.autocast`` / ``torch.amp.GradScaler`` and
-scales the loss only for fp16 (bf16 needs no scaling). :func:`build_trainer` turns AMP off, with a
-warning, when the model is on the CPU.
+Detection (LazyConfig) and segmentation (yacs) runs build their model, data, optimizer, schedule
+and evaluator, then hand them to :func:`build_trainer` with their :class:`RunSettings`; the
+hooks (seeding, timing, lr schedule, checkpoints, evaluation, writers) are detectron2's own plus
+ours in :mod:`.hooks`, registered by :func:`.training.register_training_hooks`.
+
+One step of :class:`ConvMAETrainer` (``run_step``):
+
+1. read the batch; with the "skip" policy, remember the BatchNorm running statistics;
+2. forward under ``torch.autocast`` when ``precision`` is bf16 / fp16 (fp32: no autocast);
+3. average the loss terms over all processes and let :class:`FiniteLossGuard` decide: a finite
+   loss goes on; a NaN / Inf one raises :class:`NonFiniteLossError` ("stop") or is skipped
+   ("skip": no backward, no optimizer step, BatchNorm statistics restored, counted);
+4. backward (scaled by a ``GradScaler`` for fp16 only), metrics, optional gradient clipping (on
+   unscaled gradients), optimizer step (skipped by the scaler on fp16 overflow).
+
+In fp32 the step is detectron2's ``SimpleTrainer.run_step`` operation for operation (same
+weights after every step), and the checkpoint layout is detectron2's (``trainer`` with
+``iteration``, ``optimizer``, the hooks' states, and ``grad_scaler`` for fp16 / bf16 runs).
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import time
-from typing import Iterable
+from typing import Callable, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
-from detectron2.engine import AMPTrainer, SimpleTrainer
-from detectron2.utils.events import get_event_storage
+from detectron2.engine import SimpleTrainer
 
-__all__ = [
-    "AMP_DTYPES",
-    "MixedPrecisionTrainer",
-    "build_trainer",
-    "count_parameters",
-    "resolve_device",
-]
+from .hooks import FiniteLossGuard, mean_over_processes
+from .settings import RunSettings, resolve_device
 
-logger = logging.getLogger(__name__)
+__all__ = ["ConvMAETrainer", "build_trainer", "count_parameters", "resolve_device"]
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-              "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
+GradClip = Callable[[List[torch.Tensor]], None]
 
 
-def resolve_device(device: str) -> str:
-    """``device`` if usable, else "cpu" (with a warning) when CUDA was asked for but is absent."""
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        logger.warning(f"train.device={device!r} but CUDA is not available: running on the CPU")
-        return "cpu"
-    return str(device)
+def _norm_statistics(model: nn.Module) -> List[torch.Tensor]:
+    """The buffers of the BatchNorm layers (running mean / var, batches tracked): what a forward
+    pass in training mode changes."""
+    return [
+        b
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase)
+        for b in m.buffers(recurse=False)
+    ]
 
 
-class MixedPrecisionTrainer(AMPTrainer):
-    """AMPTrainer on ``torch.autocast(device_type, dtype)``; fp16 uses a GradScaler, bf16 none.
+class ConvMAETrainer(SimpleTrainer):
+    """``SimpleTrainer`` with precision, non-finite loss policy and gradient clipping.
 
     Args:
-        model, data_loader, optimizer: as for :class:`SimpleTrainer`.
-        precision: ``torch.float16`` or ``torch.bfloat16``.
-        device_type: autocast device type ("cuda").
+        model, data_loader, optimizer: as for ``SimpleTrainer``.
+        precision: autocast dtype (``torch.bfloat16`` / ``torch.float16``), None for fp32. fp16
+            scales the loss with a ``torch.amp.GradScaler`` (its state is in the checkpoint).
+        device_type: autocast device type ("cuda"; "cpu" works for tests).
+        guard: the non-finite loss policy (default: stop at the first NaN / Inf).
+        grad_clip: called with the trainable parameters after backward (gradients unscaled),
+            e.g. ``partial(torch.nn.utils.clip_grad_norm_, max_norm=1.0)``.
+        **kwargs: ``SimpleTrainer``'s (``gather_metric_period``, ``zero_grad_before_forward``,
+            ``async_write_metrics``).
     """
 
     def __init__(
@@ -54,35 +71,55 @@ class MixedPrecisionTrainer(AMPTrainer):
         data_loader: Iterable,
         optimizer: torch.optim.Optimizer,
         *,
-        precision: torch.dtype = torch.bfloat16,
+        precision: Optional[torch.dtype] = None,
         device_type: str = "cuda",
+        guard: Optional[FiniteLossGuard] = None,
+        grad_clip: Optional[GradClip] = None,
         **kwargs,
     ):
-        scaler = torch.amp.GradScaler(device_type, enabled=precision == torch.float16)
-        super().__init__(
-            model, data_loader, optimizer, grad_scaler=scaler, precision=precision, **kwargs
-        )
+        super().__init__(model, data_loader, optimizer, **kwargs)
+        self.precision = precision
         self.device_type = device_type
+        self.grad_scaler = torch.amp.GradScaler(device_type, enabled=precision == torch.float16)
+        self.guard = guard if guard is not None else FiniteLossGuard(mode="stop")
+        self.grad_clip = grad_clip
+        self._norm_stats: Optional[List[torch.Tensor]] = None
+
+    def _forward(self, data):
+        context = (
+            torch.autocast(self.device_type, dtype=self.precision)
+            if self.precision is not None
+            else contextlib.nullcontext()
+        )
+        with context:
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                return loss_dict, {"total_loss": loss_dict}
+            return sum(loss_dict.values()), loss_dict
 
     def run_step(self) -> None:
-        assert self.model.training, "[MixedPrecisionTrainer] model was changed to eval mode!"
+        assert self.model.training, "[ConvMAETrainer] model was changed to eval mode!"
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
 
+        saved = None
+        if self.guard.mode == "skip":
+            if self._norm_stats is None:
+                self._norm_stats = _norm_statistics(self.model)
+            saved = [b.clone() for b in self._norm_stats]
         if self.zero_grad_before_forward:
             self.optimizer.zero_grad()
-        with torch.autocast(device_type=self.device_type, dtype=self.precision):
-            loss_dict = self.model(data)
-            if isinstance(loss_dict, torch.Tensor):
-                losses, loss_dict = loss_dict, {"total_loss": loss_dict}
-            else:
-                losses = sum(loss_dict.values())
+        losses, loss_dict = self._forward(data)
+        # every process sees the same averaged terms, so all take the same decision
+        if self.guard.check(mean_over_processes(loss_dict), self.iter):  # raises on "stop"
+            for buffer, value in zip(self._norm_stats or [], saved or []):
+                buffer.copy_(value)
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         if not self.zero_grad_before_forward:
             self.optimizer.zero_grad()
         self.grad_scaler.scale(losses).backward()
-        if self.log_grad_scaler and self.grad_scaler.is_enabled():
-            get_event_storage().put_scalar("[metric]grad_scaler", self.grad_scaler.get_scale())
         self.after_backward()
         if self.async_write_metrics:
             self.concurrent_executor.submit(
@@ -90,36 +127,52 @@ class MixedPrecisionTrainer(AMPTrainer):
             )
         else:
             self._write_metrics(loss_dict, data_time)
+        if self.grad_clip is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+            self.grad_clip([p for g in self.optimizer.param_groups for p in g["params"]])
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
+
+    def state_dict(self) -> dict:
+        ret = super().state_dict()
+        if self.grad_scaler.is_enabled():
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if self.grad_scaler.is_enabled() and state_dict.get("grad_scaler"):
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
 
 
 def build_trainer(
     model: nn.Module,
     data_loader: Iterable,
     optimizer: torch.optim.Optimizer,
+    settings: RunSettings,
     *,
-    device: str,
-    amp_enabled: bool = False,
-    amp_precision: str = "bf16",
+    last_checkpoint: Optional[Callable[[], str]] = None,
+    grad_clip: Optional[GradClip] = None,
     **kwargs,
-) -> SimpleTrainer:
-    """SimpleTrainer, or MixedPrecisionTrainer when AMP is enabled and the device is CUDA.
-
-    Args:
-        amp_precision: "bf16" or "fp16".
-    """
-    if not amp_enabled:
-        return SimpleTrainer(model, data_loader, optimizer, **kwargs)
-    if amp_precision not in AMP_DTYPES:
-        raise ValueError(
-            f"train.amp.precision={amp_precision!r}; expected one of {sorted(AMP_DTYPES)}"
-        )
-    if not str(device).startswith("cuda"):
-        logger.warning("train.amp.enabled=True ignored: mixed precision needs CUDA (device=cpu)")
-        return SimpleTrainer(model, data_loader, optimizer, **kwargs)
-    return MixedPrecisionTrainer(
-        model, data_loader, optimizer, precision=AMP_DTYPES[amp_precision], **kwargs
+) -> ConvMAETrainer:
+    """The trainer of a run: ``settings`` give the precision (already None off CUDA) and the
+    non-finite loss policy; ``last_checkpoint`` returns the newest checkpoint's path (named when
+    a non-finite loss stops the run)."""
+    guard = FiniteLossGuard(
+        mode=settings.nonfinite_loss,
+        max_skips=settings.nonfinite_max_skips,
+        last_checkpoint=last_checkpoint,
+        config_key=settings.key("nonfinite_loss"),
+    )
+    return ConvMAETrainer(
+        model,
+        data_loader,
+        optimizer,
+        precision=settings.precision,
+        device_type=torch.device(settings.device).type,
+        guard=guard,
+        grad_clip=grad_clip,
+        **kwargs,
     )
 
 

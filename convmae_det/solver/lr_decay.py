@@ -1,32 +1,10 @@
-"""Optimizer parameter groups for ConvViT backbones: layer-wise lr decay and no-decay rules."""
+"""Layer-wise learning-rate decay of models with a ConvViT (or plain ViT) backbone."""
 
 from __future__ import annotations
 
 import re
-from typing import Dict
 
-__all__ = ["get_convvit_lr_decay_rate", "NO_WEIGHT_DECAY_OVERRIDES", "is_no_weight_decay"]
-
-# Parameters that never get weight decay (besides every norm layer, which detectron2's
-# get_default_optimizer_params handles through weight_decay_norm=0.0).
-NO_WEIGHT_DECAY_OVERRIDES: Dict[str, Dict[str, float]] = {
-    "pos_embed": {"weight_decay": 0.0},
-    "relative_position_bias_table": {"weight_decay": 0.0},
-    "rel_pos_h": {"weight_decay": 0.0},
-    "rel_pos_w": {"weight_decay": 0.0},
-    "gamma_1": {"weight_decay": 0.0},
-    "gamma_2": {"weight_decay": 0.0},
-    "cls_token": {"weight_decay": 0.0},
-}
-
-_NO_DECAY = re.compile(
-    r"(^|\.)(pos_embed|cls_token|relative_position_bias_table|rel_pos_h|rel_pos_w|gamma_1|gamma_2)$"
-)
-
-
-def is_no_weight_decay(name: str, ndim: int) -> bool:
-    """True for 1-D parameters (norms, biases) and position / relative / layer-scale tables."""
-    return ndim <= 1 or bool(_NO_DECAY.search(name))
+__all__ = ["get_convvit_lr_decay_rate"]
 
 
 def get_convvit_lr_decay_rate(name: str, lr_decay_rate: float = 1.0, num_layers: int = 11) -> float:
