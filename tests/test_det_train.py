@@ -101,6 +101,26 @@ def test_two_iterations_train_evaluate_resume_and_eval_only(tmp_path, data_root)
     assert "Checkpoint report" in log and "missing: 0" in log and "unexpected: 0" in log
 
 
+def test_a_fixed_run_seed_fixes_the_batches_of_a_random_loader_seed(tmp_path, data_root):
+    """train.seed >= 0 with dataloader.train.seed=-1 (the shipped toy / COCO loaders): the loader
+    seed derives from the run seed, so two runs train on the same batches to the same weights."""
+    from convmae_det.engine import lazy_train
+    from convmae_det.engine.settings import data_seed
+
+    runs = []
+    for name in ("a", "b"):
+        out = str(tmp_path / name)
+        opts = FAST + [f"train.output_dir={out}", "train.seed=0", "dataloader.train.seed=-1"]
+        lazy_train(load_lazy_config(PAPER_TOY, opts))
+        runs.append(torch.load(os.path.join(out, "model_final.pth"), weights_only=False))
+        losses = [m["total_loss"] for m in read_metrics(out) if "total_loss" in m]
+        runs[-1]["losses"] = losses
+    a, b = runs
+    assert a["data_loader"]["seed"] == b["data_loader"]["seed"] == data_seed(0)
+    assert a["losses"] == b["losses"] and len(a["losses"]) == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 @pytest.mark.parametrize("starter", ["launch", "torchrun"])
 def test_two_process_gloo_training_on_cpu(tmp_path, data_root, starter):
     out = str(tmp_path / "ddp")
@@ -306,7 +326,7 @@ def test_tool_refuses_an_override_of_the_wrong_type_before_anything_runs(tmp_pat
 
 
 def test_detection_demo_function_returns_metrics_and_drawings(tmp_path, data_root):
-    from convmae_det.engine.demo_detection import run_detection_demo
+    from convmae_det.visualization.demo_detection import run_detection_demo
 
     out = str(tmp_path / "demo")
     metrics = run_detection_demo(

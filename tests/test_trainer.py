@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from convmae_det.config import add_convmae_config
 from convmae_det.engine import ConvMAETrainer, RunSettings
-from convmae_det.engine.hooks import FiniteLossGuard, LRScheduler
+from convmae_det.engine.hooks import FiniteLossGuard, LRScheduler, NonFiniteLossError
 from convmae_det.engine.training import upgrade_training_state
 from convmae_det.utils.precision import PRECISIONS, parse_precision
 
@@ -224,3 +224,27 @@ def test_settings_read_either_config_kind_in_one_place(caplog):
         with caplog.at_level(logging.WARNING):
             assert RunSettings.from_yacs(cfg).device == "cpu"
         assert "MODEL.DEVICE='cuda' but CUDA is not available" in caplog.text
+
+
+def test_one_nonfinite_policy_counts_in_all_or_in_a_row():
+    nan, ok = {"loss": float("nan")}, {"loss": 1.0}
+    total = FiniteLossGuard(mode="skip", max_skips=2)  # detection / segmentation
+    assert total.check(nan, 0) and not total.check(ok, 1) and total.check(nan, 2)
+    assert not total.check(ok, 3)
+    with pytest.raises(NonFiniteLossError, match="at iteration 4 after 2 skipped batches"):
+        total.check(nan, 4)  # a third in all, though not in a row
+    in_a_row = FiniteLossGuard(  # pretraining, as the official loop
+        mode="skip", max_skips=None, max_consecutive=3, advice="or use bf16"
+    )
+    for it in range(10):  # any number of isolated non-finite losses
+        assert in_a_row.check(nan if it % 2 else ok, it) == bool(it % 2)
+    assert in_a_row.skipped == 5 and in_a_row.consecutive == 1
+    assert in_a_row.check(nan, 10) and in_a_row.consecutive == 2
+    with pytest.raises(NonFiniteLossError) as info:
+        in_a_row.check(nan, 11)
+    message = str(info.value)
+    assert message.startswith("3 consecutive non-finite losses, the last at iteration 11")
+    assert message.endswith("lower the learning rate; or use bf16.")
+    stop = FiniteLossGuard(mode="stop", config_key="SOLVER.NONFINITE_LOSS")
+    with pytest.raises(NonFiniteLossError, match="set SOLVER.NONFINITE_LOSS=skip"):
+        stop.check({"loss_a": 1.0, "loss_b": float("inf")}, 4)

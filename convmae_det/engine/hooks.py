@@ -23,7 +23,7 @@ from typing import Callable, Dict, Mapping, Optional
 import torch
 from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
-from detectron2.utils.events import get_event_storage
+from detectron2.utils.events import _CURRENT_STORAGE_STACK, get_event_storage
 
 __all__ = [
     "AMPOverflowCounter",
@@ -70,53 +70,92 @@ def mean_over_processes(loss_dict: Mapping[str, torch.Tensor]) -> Dict[str, floa
 
 
 class FiniteLossGuard:
-    """The non-finite loss decision for any training loop (see the module docstring).
+    """The non-finite loss policy of every job (see the module docstring).
 
     ``check(loss_dict, iteration)`` returns False for finite terms, True when the batch is to be
-    skipped ("skip" mode: logged, counted as ``nonfinite_skipped`` in the event storage), and
-    raises :class:`NonFiniteLossError` otherwise. The caller drops the skipped batch's update.
+    skipped ("skip" mode: logged, counted as ``nonfinite_skipped`` in the event storage when
+    there is one), and raises :class:`NonFiniteLossError` otherwise. The caller drops the skipped
+    batch's update.
 
     Args:
         mode: "stop" or "skip".
-        max_skips: "skip" mode stops after this many skipped batches.
+        max_skips: "skip" mode stops after this many skipped batches in all (None: no limit;
+            detection and segmentation).
+        max_consecutive: "skip" mode stops at this many non-finite losses in a row (None: no
+            limit; pretraining, as the official loop).
         last_checkpoint: returns the path of the last saved checkpoint (for the message).
         config_key: the config key of ``mode``, named in messages.
+        advice: what else to try, appended to the message (e.g. a bf16 setting).
+    Attributes:
+        skipped: batches skipped so far; consecutive: non-finite losses in a row (both belong in
+            a resume point where the run keeps them).
     """
 
     def __init__(
         self,
         *,
         mode: str = "stop",
-        max_skips: int = 10,
+        max_skips: Optional[int] = 10,
+        max_consecutive: Optional[int] = None,
         last_checkpoint: Optional[Callable[[], str]] = None,
         config_key: str = "train.nonfinite_loss",
+        advice: str = "",
     ):
         if mode not in NONFINITE_MODES:
             raise ValueError(f"{config_key}={mode!r}; expected one of {NONFINITE_MODES}")
-        self.mode, self.max_skips, self.config_key = mode, int(max_skips), config_key
+        self.mode, self.config_key, self.advice = mode, config_key, advice
+        self.max_skips = None if max_skips is None else int(max_skips)
+        self.max_consecutive = None if max_consecutive is None else int(max_consecutive)
         self.last_checkpoint = last_checkpoint
         self.skipped = 0
+        self.consecutive = 0
+
+    def _may_skip(self) -> bool:
+        if self.mode != "skip":
+            return False
+        if self.max_skips is not None and self.skipped >= self.max_skips:
+            return False
+        return self.max_consecutive is None or self.consecutive < self.max_consecutive
 
     def check(self, loss_dict: Mapping[str, object], iteration: int) -> bool:
         bad = nonfinite_terms(loss_dict)
         if not bad:
+            self.consecutive = 0
             return False
+        self.consecutive += 1
         terms = ", ".join(f"{k}={v}" for k, v in bad.items())
         every = ", ".join(f"{k}={_value(v):.4g}" for k, v in loss_dict.items())
-        if self.mode == "skip" and self.skipped < self.max_skips:
+        if self._may_skip():
             self.skipped += 1
+            limit = f"/{self.max_skips}" if self.max_skips is not None else ""
             logger.warning(
                 f"Non-finite loss at iteration {iteration} ({terms}); batch skipped "
-                f"({self.skipped}/{self.max_skips}), weights unchanged"
+                f"({self.skipped}{limit}"
+                + (f", {self.consecutive} in a row" if self.consecutive > 1 else "")
+                + "), weights unchanged"
             )
-            get_event_storage().put_scalar("nonfinite_skipped", self.skipped)
+            if _CURRENT_STORAGE_STACK:  # loops without detectron2's event storage count alone
+                get_event_storage().put_scalar("nonfinite_skipped", self.skipped)
             return True
         ckpt = self.last_checkpoint() if self.last_checkpoint is not None else ""
         where = f"last good checkpoint: {ckpt}" if ckpt else "no checkpoint saved yet"
+        what = f"Non-finite loss at iteration {iteration}"
+        if self.mode == "skip" and self.max_skips is not None and self.skipped >= self.max_skips:
+            what += f" after {self.skipped} skipped batches (the limit)"
+        elif self.mode == "skip":
+            what = (
+                f"{self.consecutive} consecutive non-finite losses, the last at iteration "
+                f"{iteration}"
+            )
+        todo = (
+            f"Resume with --resume, lower the learning rate, or set {self.config_key}=skip to "
+            "skip such batches"
+            if self.mode == "stop"
+            else "Resume with --resume or lower the learning rate"
+        )
         raise NonFiniteLossError(
-            f"Non-finite loss at iteration {iteration}: {terms} (all terms: {every}). "
-            f"The weights were not updated with it; {where}. Resume with --resume, lower "
-            f"the learning rate, or set {self.config_key}=skip to skip such batches."
+            f"{what}: {terms} (all terms: {every}). The weights were not updated with it; "
+            f"{where}. {todo}" + (f"; {self.advice}" if self.advice else "") + "."
         )
 
 

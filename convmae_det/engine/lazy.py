@@ -13,6 +13,7 @@ datasets are checked before anything is built, and the final metrics are returne
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Dict, List, Optional
 
@@ -25,8 +26,8 @@ from omegaconf import DictConfig
 
 from ..checkpoint import ConvMAECheckpointer
 from .config import check_datasets, dataset_names_in_config
-from .reproducibility import enable_determinism
-from .settings import RunSettings, resolve_device
+from .reproducibility import derive_seed, enable_determinism, resolve_run_seed, seed_everything
+from .settings import RunSettings, data_seed, resolve_device
 from .trainer import count_parameters
 from .training import load_weights, run_training
 
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("detectron2")
+_MODEL_INIT_DOMAIN = 0x1417  # domain separator of the seed of the initial weights
 
 
 def datasets_to_check(cfg: DictConfig, *, eval_only: bool = False) -> List[tuple]:
@@ -105,6 +107,15 @@ def lazy_train(
     check_datasets(dataset_names_in_config(cfg))
     settings = RunSettings.from_lazy(cfg.train)
     cfg.train.device = settings.device
+    # one run seed: a training loader left random (seed < 0) takes its seed from it, so
+    # train.seed >= 0 fixes the batches as well as the per-iteration seeds
+    run_seed = resolve_run_seed(settings.seed)
+    settings = dataclasses.replace(settings, seed=run_seed)
+    loader_cfg = cfg.dataloader.train
+    if "seed" in loader_cfg and (loader_cfg.seed is None or int(loader_cfg.seed) < 0):
+        loader_cfg.seed = data_seed(run_seed)
+    # and the weights the checkpoint does not give (new heads): the same in every run and process
+    seed_everything(derive_seed(run_seed, _MODEL_INIT_DOMAIN))
     enable_determinism(bool(cfg.train.get("deterministic", False)))
     model = instantiate(cfg.model).to(settings.device)
     logger.info(

@@ -27,8 +27,7 @@ import torch.nn as nn
 from detectron2.utils import comm
 
 from ..solver import build_param_groups
-from ..utils.precision import parse_precision
-from .hooks import scaler_step
+from .hooks import FiniteLossGuard, scaler_step
 from .pretrain_checkpoint import checkpoint_name, find_last_checkpoint, load_pretrain_checkpoint
 from .pretrain_checkpoint import plain_args, prune_iteration_checkpoints, restore_pretraining
 from .pretrain_checkpoint import save_pretrain_checkpoint
@@ -36,7 +35,7 @@ from .pretrain_data import ImageFiles, build_pretrain_loader, build_pretrain_tra
 from .pretrain_data import iters_per_epoch, resolve_data_path
 from .reproducibility import derive_seed, resolve_run_seed, seed_everything
 from .resume import decide_on_main_process, drop_metrics_after, remove_leftover_temp_files
-from .settings import resolve_device
+from .settings import amp_precision, resolve_device
 
 __all__ = [
     "PRETRAIN_DEFAULTS",
@@ -216,13 +215,28 @@ class PretrainRunner:
             lr=self.lr,
             betas=tuple(opt["betas"]),
         )
-        self.use_amp = bool(opt["amp"]) and self.device.type == "cuda"
-        self.amp_dtype = parse_precision(opt["amp_dtype"], key="train.amp_dtype", allow_fp32=False)
-        fp16 = self.use_amp and self.amp_dtype == torch.float16
+        amp_dtype = amp_precision(
+            bool(opt["amp"]),
+            opt["amp_dtype"],
+            device=self.device.type,
+            enabled_key="train.amp",
+            precision_key="train.amp_dtype",
+        )
+        self.use_amp = amp_dtype is not None
+        self.amp_dtype = amp_dtype or torch.bfloat16  # autocast's argument (unused when off)
+        fp16 = amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.amp_overflows = 0  # fp16 steps the scaler skipped (inf / NaN gradients)
 
-        self.nonfinite = 0
+        # skip a non-finite step, give up at max_nonfinite in a row (as the official loop)
+        self.guard = FiniteLossGuard(
+            mode="skip",
+            max_skips=None,
+            max_consecutive=int(opt["max_nonfinite"]),
+            last_checkpoint=lambda: getattr(self, "last_checkpoint", None) or "",
+            config_key="train.max_nonfinite",
+            advice="or use train.amp_dtype='bfloat16'",
+        )
         self.start_epoch, self.start_iter, self.resumed_from = 0, 0, None
         self._resume()
         self.ddp = self.model
@@ -265,7 +279,7 @@ class PretrainRunner:
                 logger.info("Run seed %d from %s (config: %d)", state["seed"], path, self.seed)
             self.seed = int(state["seed"])
             self.loader.load_state_dict(state["loader"])
-            self.nonfinite = int(state.get("nonfinite", 0))
+            self.guard.consecutive = int(state.get("nonfinite", 0))
             if int(state["iters_per_epoch"]) != self.iters:
                 logger.warning(
                     "%s was written with %d iterations per epoch, this run has %d (other batch "
@@ -326,22 +340,6 @@ class PretrainRunner:
         values = values.tolist()
         return dict(zip(names, values[:-1])), values[-1] > 0
 
-    def _skip_nonfinite(self, stats: Dict[str, float], epoch: int, it: int) -> None:
-        self.nonfinite += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        logger.warning(
-            "Non-finite loss %s at epoch %d iter %d: step skipped (%d in a row)",
-            stats,
-            epoch,
-            it,
-            self.nonfinite,
-        )
-        if self.nonfinite >= self.opt["max_nonfinite"]:
-            raise FloatingPointError(
-                f"{self.nonfinite} consecutive non-finite losses (last {stats}); lower the lr "
-                "or use train.amp_dtype='bfloat16'"
-            )
-
     def _optimizer_step(self, progress: float) -> None:
         if self.opt["clip_grad"] is not None:
             self.scaler.unscale_(self.optimizer)
@@ -376,12 +374,12 @@ class PretrainRunner:
                     out = self.ddp(imgs.to(self.device, non_blocking=True))
                 stats, out_of_time = self._reduce(out)
                 stop = stop or out_of_time
-                finite = all(math.isfinite(v) for v in stats.values())
+                # the one non-finite policy: skip, or raise at max_nonfinite in a row
+                finite = not self.guard.check(stats, epoch * self.iters + i)
                 if finite:
-                    self.nonfinite = 0
                     self.scaler.scale(out["loss"] / self.accum).backward()
                 else:
-                    self._skip_nonfinite(stats, epoch, i)
+                    self.optimizer.zero_grad(set_to_none=True)
             if step_now and finite:
                 self._optimizer_step((epoch * self.iters + i + 1) / (self.epochs * self.iters))
             if finite:
@@ -430,7 +428,7 @@ class PretrainRunner:
                 iters_per_epoch=self.iters,
                 seed=self.seed,
                 loader=self.loader.state_dict(),
-                nonfinite=self.nonfinite,
+                nonfinite=self.guard.consecutive,
             )
             save_pretrain_checkpoint(
                 path,

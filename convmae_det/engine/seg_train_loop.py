@@ -44,9 +44,9 @@ from detectron2.evaluation import SemSegEvaluator, inference_on_dataset, print_c
 from ..config import add_convmae_config, merge_config_file_safely
 from ..data.resumable_loader import ResumableTrainLoader
 from ..data.sem_seg_mapper import SemSegDatasetMapper, check_num_classes
-from .reproducibility import derive_seed, resolve_run_seed
+from .reproducibility import resolve_run_seed
 from .seg_solver import build_seg_lr_scheduler, build_seg_optimizer
-from .settings import RunSettings, resolve_device
+from .settings import RunSettings, data_seed, resolve_device
 from .training import run_training
 from .yacs_overrides import merge_checked_overrides
 
@@ -59,7 +59,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("convmae_det")
-_DATA_SEED = 0x5E65  # domain separator: the loader's seed is derived from the run seed
 
 
 def get_seg_cfg(config_file: str = "", opts: Optional[List[str]] = None) -> CfgNode:
@@ -208,7 +207,7 @@ def do_seg_train(
     scheduler = build_seg_lr_scheduler(cfg, optimizer)
     seed = resolve_run_seed(cfg.SEED)
     settings = dataclasses.replace(settings, seed=seed)  # the loader's seed derives from it
-    loader = build_seg_train_loader(cfg, seed=derive_seed(seed, _DATA_SEED))
+    loader = build_seg_train_loader(cfg, seed=data_seed(seed))
     model = create_ddp_model(model, broadcast_buffers=False)
     logger.info(f"Training data seed {loader.seed} (run seed {seed})")
     results: "OrderedDict[str, Dict]" = OrderedDict()

@@ -35,7 +35,19 @@ import torch
 
 from ..utils.precision import parse_precision, precision_name
 
-__all__ = ["RunSettings", "amp_precision", "resolve_device"]
+__all__ = ["DATA_SEED_DOMAIN", "RunSettings", "amp_precision", "data_seed", "resolve_device"]
+
+DATA_SEED_DOMAIN = 0x5E65
+"""Domain separator of :func:`data_seed`."""
+
+
+def data_seed(run_seed: int) -> int:
+    """The training loader's seed of a run whose config leaves it random: derived from the run
+    seed, so a fixed run seed fixes the batches too (and a random one is drawn once)."""
+    from .reproducibility import derive_seed
+
+    return derive_seed(int(run_seed), DATA_SEED_DOMAIN)
+
 
 logger = logging.getLogger(__name__)
 
