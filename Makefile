@@ -1,5 +1,6 @@
 # convmae_det — two commands for a fresh machine:
-#   make test   install everything into .venv (idempotent) and run the test suite
+#   make test   install everything into .venv (idempotent), check the import layers
+#               (lint-imports, contracts in .importlinter) and run the test suite
 #   make demo   install, then run the end-to-end demo on the embedded toy data (CPU)
 #
 # Overridable variables:
@@ -20,7 +21,7 @@ DETECTRON2_SOURCE ?= wheel
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.convmae_det-installed
 
-.PHONY: install test demo lint clean-venv readme-pictures
+.PHONY: install test lint-imports demo lint clean-venv readme-pictures
 
 install: $(STAMP)
 
@@ -29,8 +30,12 @@ $(STAMP): setup.py requirements.txt scripts/install_env.sh scripts/install_detec
 		DETECTRON2_SOURCE="$(DETECTRON2_SOURCE)" bash scripts/install_env.sh
 	touch $(STAMP)
 
-test: install
+test: install lint-imports
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# The package's import layers (.importlinter): a broken contract fails the build.
+lint-imports: install
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 demo: install
 	$(PY) tools/run_demo.py

@@ -26,7 +26,10 @@ setup(
         "opencv-python-headless",
         "matplotlib",
     ],
-    extras_require={"deploy": ["onnx>=1.16", "onnxruntime>=1.18"]},
+    extras_require={
+        "deploy": ["onnx>=1.16", "onnxruntime>=1.18"],
+        "test": ["pytest", "hypothesis", "import-linter>=2.17,<3"],
+    },
     classifiers=[
         "License :: OSI Approved :: Apache Software License",
         "Programming Language :: Python :: 3",

@@ -34,7 +34,7 @@ then
   quiet $PIP install -q $PIP_EXTRA $TORCH_SPEC
 fi
 
-if ! $PY -c "import timm, fvcore, pycocotools, omegaconf, cv2, shapely, pytest, hypothesis, faster_coco_eval, onnx, onnxruntime" 2>/dev/null; then
+if ! $PY -c "import timm, fvcore, pycocotools, omegaconf, cv2, shapely, pytest, hypothesis, faster_coco_eval, onnx, onnxruntime, importlinter" 2>/dev/null || [ ! -x "$VENV/bin/lint-imports" ]; then
   echo "[install] detectron2 dependencies (requirements.txt)"
   quiet $PIP install -q -r requirements.txt
 fi

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         print(f"pretraining checkpoint: {checkpoint}")
 
     if not args.skip_detection:
-        from convmae_det.engine.demo_detection import run_detection_demo
+        from convmae_det.visualization.demo_detection import run_detection_demo
 
         source = "the toy pretraining checkpoint" if checkpoint else "scratch"
         _banner(f"2/3 toy ConvViTDet Mask R-CNN from {source}")

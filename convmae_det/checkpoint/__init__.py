@@ -19,6 +19,7 @@ from .io import (
     save_checkpoint_atomic,
     write_text_atomic,
 )
+from . import mmseg as _mmseg  # noqa: F401  (registers the official mmseg head names -> ours)
 
 __all__ = [
     "CheckpointError",

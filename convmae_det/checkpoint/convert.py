@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modeling.position import infer_grid, resize_pos_embed, resize_rel_pos_table
+from ..utils.table_resize import infer_grid, resize_pos_embed, resize_rel_pos_table
 from .io import CheckpointError, to_tensor_dict
 
 __all__ = [

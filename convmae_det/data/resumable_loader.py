@@ -39,7 +39,7 @@ from detectron2.utils import comm
 from torch.utils.data import DataLoader, IterableDataset
 
 from convmae_det.data.annotation_checks import drop_invalid_instances
-from convmae_det.engine.reproducibility import derive_seed, fork_rng, resolve_run_seed
+from convmae_det.utils.seeding import derive_seed, fork_rng, resolve_run_seed
 
 __all__ = ["BadSampleError", "ResumableTrainLoader", "build_resumable_train_loader"]
 

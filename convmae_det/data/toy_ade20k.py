@@ -24,6 +24,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from .ade20k_labels import convert_ade20k_label
+
 __all__ = [
     "TOY_ADE20K_CLASSES",
     "TOY_ADE20K_VERSION",
@@ -109,12 +111,6 @@ def draw_toy_scene(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray
     return img, raw
 
 
-def _convert(raw: np.ndarray) -> np.ndarray:
-    from .datasets.ade20k import convert_ade20k_label
-
-    return convert_ade20k_label(raw)
-
-
 def generate_toy_ade20k(dest: str, *, seed: int = 0) -> Dict[str, int]:
     """Write the toy dataset under ``dest`` (an ``ADEChallengeData2016`` folder).
 
@@ -134,7 +130,7 @@ def generate_toy_ade20k(dest: str, *, seed: int = 0) -> Dict[str, int]:
                 os.path.join(dest, "images", split_dir, stem + ".jpg"), quality=95
             )
             Image.fromarray(raw).save(os.path.join(dest, "annotations", split_dir, stem + ".png"))
-            Image.fromarray(_convert(raw)).save(
+            Image.fromarray(convert_ade20k_label(raw)).save(
                 os.path.join(dest, "annotations_detectron2", split_dir, stem + ".png")
             )
         counts[short] = n

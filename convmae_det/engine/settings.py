@@ -34,6 +34,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 from ..utils.precision import parse_precision, precision_name
+from ..utils.seeding import derive_seed
 
 __all__ = ["DATA_SEED_DOMAIN", "RunSettings", "amp_precision", "data_seed", "resolve_device"]
 
@@ -44,8 +45,6 @@ DATA_SEED_DOMAIN = 0x5E65
 def data_seed(run_seed: int) -> int:
     """The training loader's seed of a run whose config leaves it random: derived from the run
     seed, so a fixed run seed fixes the batches too (and a random one is drawn once)."""
-    from .reproducibility import derive_seed
-
     return derive_seed(int(run_seed), DATA_SEED_DOMAIN)
 
 

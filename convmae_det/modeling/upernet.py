@@ -23,7 +23,6 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from .. import checkpoint_mmseg  # noqa: F401  (official head names -> ours when loading)
 from .seg_backbone import resolve_norm
 
 __all__ = ["ConvNormAct", "UperNetHead", "FCNHead", "segmentation_loss"]

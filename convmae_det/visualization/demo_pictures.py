@@ -59,7 +59,7 @@ def write_demo_pictures(
     import convmae_det.data  # noqa: F401  (registers the toy datasets)
     from detectron2.data import DatasetCatalog
 
-    from ..engine.demo_detection import DEFAULT_DEMO_CONFIG
+    from .demo_detection import DEFAULT_DEMO_CONFIG
     from ..engine.seg_demo import TOY_CONFIG
     from .curves import plot_metrics
     from .predictor import Predictor

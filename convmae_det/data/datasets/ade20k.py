@@ -15,11 +15,11 @@ from __future__ import annotations
 import os
 from typing import Dict, List
 
-import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_sem_seg
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
+from ..ade20k_labels import convert_ade20k_label
 from ..toy_ade20k import TOY_ADE20K_CLASSES, ensure_toy_ade20k
 
 __all__ = [
@@ -52,24 +52,6 @@ def label_palette(num: int) -> List[List[int]]:
 
 
 ADE20K_PALETTE = label_palette(len(ADE20K_SEM_SEG_CATEGORIES))
-
-
-def convert_ade20k_label(raw: np.ndarray) -> np.ndarray:
-    """ADE20K release labels -> training labels: 0 ("other") -> 255 (ignore), k -> k - 1.
-
-    Args:
-        raw: (H, W) integer array with values in [0, 150].
-    Returns:
-        (H, W) uint8 array with values in [0, 149] and 255.
-    """
-    raw = np.asarray(raw)
-    if raw.ndim != 2:
-        raise ValueError(f"expected an (H, W) label map, got shape {raw.shape}")
-    if raw.size and (raw.min() < 0 or raw.max() > 255):
-        raise ValueError(f"label values must lie in [0, 255], found [{raw.min()}, {raw.max()}]")
-    out = raw.astype(np.int64) - 1
-    out[raw == 0] = 255
-    return out.astype(np.uint8)
 
 
 def datasets_root() -> str:

@@ -5,14 +5,15 @@ The backbone keys already carry our names (``backbone.blocks3.0.attn.relative_po
 ``backbone.fpn.0.weight``...) and are handled by the generic loader (which also drops the
 ``relative_position_index`` buffers). Our heads use mmseg's module names, so the heads map
 by prefix only: ``decode_head.X`` -> ``sem_seg_head.X``, ``auxiliary_head.X`` -> ``auxiliary_head.X``.
-Importing this module registers the mapping with :func:`register_key_mapper`.
+Importing this module registers the mapping with :func:`register_key_mapper`; the checkpoint
+package imports it, so every loader knows the official layout without importing the model.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from .checkpoint import register_key_mapper
+from .convert import register_key_mapper
 
 __all__ = ["MMSEG_FORMAT", "mmseg_head_key", "HEAD_PREFIXES"]
 

@@ -1,7 +1,7 @@
 """The detection part of ``make demo``: train a toy-sized detector on the embedded toy shapes on
 the CPU, evaluate it on the held-out split (COCO box / mask AP) and draw a few predictions.
 
-    from convmae_det.engine.demo_detection import run_detection_demo
+    from convmae_det.visualization.demo_detection import run_detection_demo
     metrics = run_detection_demo("demo_output/detection")   # {"box_AP": ..., "mask_AP": ...}
 """
 
@@ -22,9 +22,9 @@ from detectron2.utils.logger import setup_logger
 from PIL import Image
 
 from .. import data as _data  # noqa: F401  (registers the toy datasets, also in spawned workers)
-from ..visualization.overlay import draw_prediction
-from .config import check_datasets, dataset_names_in_config, load_lazy_config
-from .lazy import build_checkpointer, lazy_train
+from ..engine.config import check_datasets, dataset_names_in_config, load_lazy_config
+from ..engine.lazy import build_checkpointer, lazy_train
+from .overlay import draw_prediction
 
 __all__ = [
     "DEFAULT_DEMO_CONFIG",
