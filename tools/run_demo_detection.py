@@ -13,7 +13,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import convmae_det  # noqa: E402,F401
 import convmae_det.data  # noqa: E402,F401
-from convmae_det.visualization.demo_detection import _main  # noqa: E402
+from convmae_det.visualization.demo_detection import demo_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(demo_main())

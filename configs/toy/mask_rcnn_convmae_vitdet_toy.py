@@ -7,15 +7,15 @@
 # Schedule and heads: configs/common/toy_detector.py (1500 it x batch 4 = 7.5 toy epochs).
 from functools import partial
 
+from convmae_det.modeling.pretrain import TOY_ENCODER_KWARGS as _TOY_ENCODER
 from convmae_det.solver import get_convvit_lr_decay_rate
 
 from ..common.models.mask_rcnn_convmae_vitdet import model
 from ..common.toy_detector import dataloader, lr_multiplier, optimizer, train, use_toy_heads
 
 net = model.backbone.net
-net.embed_dims = (32, 64, 128)
-net.depths = (1, 1, 3)
-net.num_heads = 4
+for _key, _value in _TOY_ENCODER.items():  # the toy pretraining encoder
+    setattr(net, _key, _value)
 net.drop_path_rate = 0.0
 net.window_size = 4
 net.window_block_indexes = [0]  # global at 1 and 2 (the last block is global, like the paper)

@@ -2,13 +2,14 @@
 # window/global relative tables, e4 = maxpool(e3), FPN, Mask R-CNN heads) at a few percent of the
 # width, trained from scratch (or from the toy pretraining checkpoint) on the toy shapes on a CPU.
 # Schedule and heads: configs/common/toy_detector.py (1500 it x batch 4 = 7.5 toy epochs).
+from convmae_det.modeling.pretrain import TOY_ENCODER_KWARGS as _TOY_ENCODER
+
 from ..common.models.mask_rcnn_convvitdet import model
 from ..common.toy_detector import dataloader, lr_multiplier, optimizer, train, use_toy_heads
 
 bottom_up = model.backbone.bottom_up
-bottom_up.embed_dims = (32, 64, 128)
-bottom_up.depths = (1, 1, 3)
-bottom_up.num_heads = 4
+for _key, _value in _TOY_ENCODER.items():  # the toy pretraining encoder: its checkpoint loads
+    setattr(bottom_up, _key, _value)
 bottom_up.drop_path_rate = 0.0
 bottom_up.window_size = 4
 bottom_up.window_block_indexes = [1]  # global at 0 and 2, like the first and last of the paper

@@ -15,13 +15,13 @@ Modes:
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..fast_paths import FastPaths, autocast
+from ..modeling.det_backbone import PAPER_DET_WINDOW_BLOCKS, VITDET_WINDOW_BLOCKS
 
 __all__ = [
     "BenchmarkSetupError",
@@ -49,7 +49,7 @@ BACKBONE_PRESETS: Dict[str, Dict[str, Any]] = {
     "convvitdet_b": dict(
         rel_pos="shared",
         window_size=16,
-        window_block_indexes=[1, 2, 4, 5, 7, 8, 9],
+        window_block_indexes=list(PAPER_DET_WINDOW_BLOCKS),
         pos_embed_hw=(64, 64),
         rel_pos_hw=(64, 64),
         pos_embed_trainable=False,
@@ -59,7 +59,7 @@ BACKBONE_PRESETS: Dict[str, Dict[str, Any]] = {
     "convmae_vitdet_b": dict(
         rel_pos="decomposed",
         window_size=14,
-        window_block_indexes=[0, 2, 3, 5, 6, 8, 9],
+        window_block_indexes=list(VITDET_WINDOW_BLOCKS),
         rel_pos_hw=(64, 64),
         conv_norm_eps=1e-6,
         drop_path_rate=0.1,
@@ -100,23 +100,12 @@ DEFAULT_SIZES: Dict[str, Tuple[int, int]] = {
 
 
 def _detectron2_vitdet_b() -> nn.Module:
-    from detectron2.modeling import ViT
+    """detectron2's ViT-B of its ViTDet model-zoo config (``common/models/mask_rcnn_vitdet.py``),
+    taken from the config rather than re-spelled."""
+    from detectron2 import model_zoo
+    from detectron2.config import instantiate
 
-    return ViT(
-        img_size=1024,
-        patch_size=16,
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        drop_path_rate=0.1,
-        window_size=14,
-        mlp_ratio=4,
-        qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        window_block_indexes=[0, 1, 3, 4, 6, 7, 9, 10],
-        use_rel_pos=True,
-        out_feature="last_feat",
-    )
+    return instantiate(model_zoo.get_config("common/models/mask_rcnn_vitdet.py").model.backbone.net)
 
 
 def build_preset(name: str) -> nn.Module:

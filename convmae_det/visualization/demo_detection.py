@@ -29,6 +29,7 @@ from .overlay import draw_prediction
 __all__ = [
     "DEFAULT_DEMO_CONFIG",
     "default_num_processes",
+    "demo_main",
     "draw_predictions",
     "run_detection_demo",
 ]
@@ -162,7 +163,8 @@ def run_detection_demo(
     return metrics
 
 
-def _main(argv: Optional[Sequence[str]] = None) -> int:  # used by tools/run_demo_detection.py
+def demo_main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line of ``tools/run_demo_detection.py``: parse, run the demo, print a line."""
     import argparse
 
     parser = argparse.ArgumentParser(description="toy detection demo (CPU)")
