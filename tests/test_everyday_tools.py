@@ -279,10 +279,10 @@ def test_toy_mor_pretraining_with_dino_and_clip_teachers(tmp_path, data_root):
     assert all(k.startswith("mor.heads.") for k in keys if "dino" in k or "clip" in k)
     assert ckpt["args"]["model"]["name"] == "fastconvmae_toy"
 
-    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
-    assert [x["iter"] for x in lines] == [1, 2]
+    lines = [json.loads(x) for x in open(out / "metrics.json")]
+    assert [x["iteration"] for x in lines] == [0, 1]
     for x in lines:
         terms = {k: x[k] for k in ("loss_pixel", "loss_ema", "loss_dino", "loss_clip")}
         assert all(math.isfinite(v) and v > 0 for v in terms.values()), x
         weighted = terms["loss_pixel"] + terms["loss_ema"] + terms["loss_dino"]
-        assert x["loss"] == pytest.approx(weighted + 0.5 * terms["loss_clip"], rel=1e-5)
+        assert x["total_loss"] == pytest.approx(weighted + 0.5 * terms["loss_clip"], rel=1e-5)

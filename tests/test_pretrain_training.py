@@ -85,9 +85,10 @@ def test_training_writes_official_checkpoints_and_metrics(toy_dir, tmp_path):
     assert ckpt["args"]["model"]["name"] == "fastconvmae_toy"
     model = build_pretrain_model("fastconvmae_toy")
     model.load_state_dict(ckpt["model"], strict=True)
-    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert [(x["epoch"], x["iter"]) for x in lines] == [(0, 1), (0, 2), (1, 1), (1, 2)]
-    assert all(x["img_per_s"] > 0 and "eta_s" in x and math.isfinite(x["loss"]) for x in lines)
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.json")]  # as every job writes it
+    assert [x["iteration"] for x in lines] == [0, 1, 2, 3]
+    assert [x["epoch"] for x in lines] == [0.5, 1.0, 1.5, 2.0]  # epochs done
+    assert all(math.isfinite(x["total_loss"]) and "loss_pixel" in x for x in lines)
     assert lines[0]["lr"] == 0.0 and lines[1]["lr"] == pytest.approx(0.5 * 8 * 1.6e-2 / 256)
 
 
@@ -129,8 +130,8 @@ def test_run_stopped_by_the_time_budget_resumes_inside_the_epoch(toy_dir, tmp_pa
     assert ckpt["epoch"] == 0 and ckpt["train_state"]["epoch_iter"] == 1
     last = run_pretraining(_cfg(toy_dir, tmp_path, epochs=3, resume=True))
     assert last == str(tmp_path / "checkpoint-0002.pth")
-    steps = [(x["epoch"], x["iter"]) for x in map(json.loads, open(tmp_path / "metrics.jsonl"))]
-    assert steps == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)]
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.json")]
+    assert [x["iteration"] for x in rows] == [0, 1, 2, 3, 4, 5]  # each iteration logged once
 
 
 class _NaNModel(nn.Module):
@@ -246,7 +247,9 @@ def test_two_process_cpu_ddp_with_accumulation_through_the_tool(toy_dir, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "checkpoint-0000.pth", weights_only=True)
     assert ckpt["args"]["train"]["accum_iter"] == 2 and ckpt["epoch"] == 0
-    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.json")]
     # 16 images / (2 processes x 2 images) = 4 iterations, 2 optimizer steps
-    assert [x["iter"] for x in lines] == [2, 4]
-    assert "img/s" in open(tmp_path / "log.txt").read()
+    assert [x["iteration"] for x in lines] == [1, 3]
+    assert all(math.isfinite(x["total_loss"]) for x in lines)
+    log = open(tmp_path / "log.txt").read()
+    assert "iter: 3" in log and "total_loss" in log

@@ -24,7 +24,8 @@ from convmae_det.engine.pretrain_checkpoint import (
 )
 from convmae_det.engine.pretrain_data import generate_toy_images
 from convmae_det.engine.pretrain_demo import toy_pretrain_config
-from convmae_det.engine.pretrain_loop import PretrainRunner, run_pretraining
+from convmae_det.engine.pretrain_loop import run_pretraining
+from convmae_det.engine.trainer import ConvMAETrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "pretrain.py")
@@ -52,14 +53,14 @@ FINAL = "checkpoint-0002.pth"
 _WRAPPER = """
 import io as _io, os, runpy, signal, sys, time
 import torch
-from convmae_det.engine.pretrain_loop import PretrainRunner
+from convmae_det.engine.trainer import ConvMAETrainer
 pause = float(os.environ.get("STEP_PAUSE", "0"))
 if pause:
-    _step = PretrainRunner._optimizer_step
-    def step(self, progress):
+    _step = ConvMAETrainer.run_step
+    def step(self):
         time.sleep(pause)
-        return _step(self, progress)
-    PretrainRunner._optimizer_step = step
+        return _step(self)
+    ConvMAETrainer.run_step = step
 kill_at = os.environ.get("KILL_SAVE_AT")
 _save = torch.save
 def save(obj, f, *args, **kwargs):
@@ -233,18 +234,18 @@ def test_fastconvmae_crash_inside_an_epoch_then_resume_is_exact(
     torch.set_num_threads(1)
     try:
         reference = _load(run_pretraining(cfg("full")))
-        step, calls = PretrainRunner._optimizer_step, []
+        step, calls = ConvMAETrainer.run_step, []
 
-        def crashing_step(self, progress):
-            calls.append(progress)
+        def crashing_step(self):
+            calls.append(self.iter)
             if len(calls) == 4:  # epoch 1, iteration 0: two after the resume point (0, 2)
                 raise _Crash("simulated crash")
-            return step(self, progress)
+            return step(self)
 
-        monkeypatch.setattr(PretrainRunner, "_optimizer_step", crashing_step)
+        monkeypatch.setattr(ConvMAETrainer, "run_step", crashing_step)
         with pytest.raises(_Crash):
             run_pretraining(cfg("crashed"))
-        monkeypatch.setattr(PretrainRunner, "_optimizer_step", step)
+        monkeypatch.setattr(ConvMAETrainer, "run_step", step)
         final = run_pretraining(cfg("crashed", resume=True))
     finally:
         torch.set_num_threads(threads)

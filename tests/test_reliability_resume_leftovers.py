@@ -455,18 +455,18 @@ def test_pretraining_resume_skips_the_damaged_checkpoint_cleans_up_and_logs_once
         os.remove(final)
         _spoil(str(tmp_path / "checkpoint-0001-iter000001.pth"), "zeroed")  # global iteration 4
         (tmp_path / ".tmp-q1w2e3r4.pth").write_bytes(b"x" * 10)
-        with open(tmp_path / "metrics.jsonl", "a") as f:
-            f.write('{"loss": 0.5, "st')
+        with open(tmp_path / "metrics.json", "a") as f:
+            f.write('{"total_loss": 0.5, "it')
         with _records() as records:
             runner = PretrainRunner(_pretrain_cfg(image_dir, tmp_path, resume=True))
         assert runner.resumed_from == str(tmp_path / "checkpoint-0000-iter000002.pth")
         assert any("checkpoint-0001-iter000001.pth" in m for m in _warnings(records))
         assert not _temp_files(tmp_path)
-        assert [r["step"] for r in _metric_rows(str(tmp_path / "metrics.jsonl"))] == [1, 2]
+        assert [r["iteration"] for r in _metric_rows(str(tmp_path / "metrics.json"))] == [0, 1]
         runner.run()
     finally:
         torch.set_num_threads(threads)
-    _assert_each_iteration_once(str(tmp_path / "metrics.jsonl"), "step", range(1, 7))
+    _assert_each_iteration_once(str(tmp_path / "metrics.json"), "iteration", range(0, 6))
     again = torch.load(final, weights_only=True)
     assert again["train_state"] == reference["train_state"]
     for key in reference["model"]:

@@ -3,8 +3,8 @@
 
 python tools/plot_metrics.py OUTPUT_DIR [--output DIR]
 
-OUTPUT_DIR is a training output folder with ``metrics.json`` (detection, segmentation) or
-``metrics.jsonl`` (pretraining), or that file. A folder without one, or a file without values to
+OUTPUT_DIR is a training output folder with ``metrics.json`` (every job; pretraining runs of
+earlier versions wrote ``metrics.jsonl``, also read), or that file. A folder without one, or a file without values to
 plot, is refused with one line (exit code 2).
 """
 

@@ -84,7 +84,8 @@ def preflight(args):
 def main(args) -> str:
     cfg = load_config(args)
     os.makedirs(cfg.train.output_dir, exist_ok=True)
-    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="convmae_det")
+    for name in ("convmae_det", "detectron2"):  # the trainer and its writers log as detectron2
+        setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name=name)
     logger = setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name=__name__)
     logger.info("Command line: %s", " ".join(sys.argv))
     if comm.is_main_process():

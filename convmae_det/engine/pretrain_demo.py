@@ -80,6 +80,7 @@ def run_pretrain_demo(
 
     os.makedirs(output_dir, exist_ok=True)
     setup_logger(output_dir, name="convmae_det")
+    setup_logger(output_dir, name="detectron2")  # the trainer's progress lines
     cfg = toy_pretrain_config(
         image_dir,
         output_dir,

@@ -1,8 +1,13 @@
-"""The pretraining loop (ConvMAE / FastConvMAE / MoR): epochs over an image folder, AdamW with a
-per-iteration warm-up + half-cycle cosine schedule, AMP with a non-finite-loss guard, DDP,
-gradient accumulation, EMA-target updates, official-format checkpoints, exact resume (also
-inside an epoch: the batch, augmentation and masks of iteration ``g`` depend only on the seeds
-and ``g``), images/s + ETA.
+"""Pretraining runs (ConvMAE / FastConvMAE / MoR) on the one trainer: epochs over an image
+folder, AdamW with a per-iteration warm-up + half-cycle cosine schedule, AMP with the non-finite
+loss policy, DDP, gradient accumulation, EMA-target updates, official-format checkpoints, exact
+resume (also inside an epoch: the batch, augmentation and masks of iteration ``g`` depend only on
+the seeds and ``g``), console with ETA, ``metrics.json`` and tensorboard like every other job.
+
+:class:`PretrainRunner` builds what is pretraining's own (model, image data, MAE parameter groups,
+the official checkpoint layout and its resume) and trains with
+:class:`~convmae_det.engine.trainer.ConvMAETrainer` and the hooks of
+:mod:`~convmae_det.engine.pretrain_hooks`.
 
 Entry point: :func:`run_pretraining` with a config holding ``model`` (a module, or a LazyCall /
 dict that :func:`detectron2.config.instantiate` builds) and ``train`` (keys of
@@ -13,29 +18,31 @@ dict that :func:`detectron2.config.instantiate` builds) and ``train`` (keys of
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
 import time
-from datetime import timedelta
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from functools import partial
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from detectron2.engine import default_writers
+from detectron2.engine import hooks as detectron2_hooks
 from detectron2.utils import comm
 
 from ..solver import build_param_groups
-from .hooks import FiniteLossGuard, scaler_step
+from .hooks import AMPOverflowCounter, FiniteLossGuard, SkippedSamplesCounter
+from .pretrain_hooks import EMAUpdate, EpochCosineLR, PretrainCheckpointer, TimeBudgetReached, lr_at
 from .pretrain_checkpoint import checkpoint_name, find_last_checkpoint, load_pretrain_checkpoint
 from .pretrain_checkpoint import plain_args, prune_iteration_checkpoints, restore_pretraining
 from .pretrain_checkpoint import save_pretrain_checkpoint
 from .pretrain_data import ImageFiles, build_pretrain_loader, build_pretrain_transform
 from .pretrain_data import iters_per_epoch, resolve_data_path
-from .reproducibility import derive_seed, resolve_run_seed, seed_everything
+from .reproducibility import IterationSeeder, resolve_run_seed
 from .resume import decide_on_main_process, drop_metrics_after, remove_leftover_temp_files
 from .settings import amp_precision, resolve_device
+from .trainer import ConvMAETrainer
 
 __all__ = [
     "PRETRAIN_DEFAULTS",
@@ -48,7 +55,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PRETRAIN_DEFAULTS: Dict[str, Any] = dict(
-    output_dir="output/pretrain",  # checkpoints, log.txt, metrics.jsonl
+    output_dir="output/pretrain",  # checkpoints, log.txt, metrics.json, tensorboard events
     data_path=None,  # ImageFolder root or flat image folder; None: generated toy images
     img_size=224,  # RandomResizedCrop output size (any multiple of 16)
     crop_scale=(0.2, 1.0),  # RandomResizedCrop area range
@@ -93,15 +100,6 @@ def pretrain_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[st
     )
 
 
-def lr_at(epoch: float, *, lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
-    """Learning rate at fractional ``epoch``: linear warm-up from 0, then half-cycle cosine."""
-    if epoch < warmup_epochs:
-        return lr * epoch / warmup_epochs
-    span = max(epochs - warmup_epochs, 1e-12)
-    progress = min((epoch - warmup_epochs) / span, 1.0)
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def _options(train: Mapping[str, Any]) -> Dict[str, Any]:
     opts = dict(PRETRAIN_DEFAULTS)
     given = plain_args(train)
@@ -121,35 +119,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class _Meter:
-    """Window averages of the logged scalars plus the throughput / ETA bookkeeping."""
-
-    def __init__(self, total_iters: int, images_per_iter: int):
-        self.total_iters = total_iters
-        self.images_per_iter = images_per_iter
-        self.sums: Dict[str, float] = {}
-        self.count = 0
-        self.done = 0
-        self.tic = time.perf_counter()
-        self.iter_time = None
-
-    def add(self, values: Dict[str, float]) -> None:
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
-        self.done += 1
-
-    def flush(self) -> Dict[str, float]:
-        now = time.perf_counter()
-        elapsed = max(now - self.tic, 1e-9)
-        self.iter_time = elapsed / max(self.count, 1)
-        stats = {k: v / max(self.count, 1) for k, v in self.sums.items()}
-        stats["img_per_s"] = self.count * self.images_per_iter / elapsed
-        stats["eta_s"] = self.iter_time * max(self.total_iters - self.done, 0)
-        self.sums, self.count, self.tic = {}, 0, now
-        return stats
-
-
 def _build(cfg: Mapping[str, Any]) -> nn.Module:
     model = cfg["model"]
     if isinstance(model, nn.Module):
@@ -162,13 +131,15 @@ def _build(cfg: Mapping[str, Any]) -> nn.Module:
 class PretrainRunner:
     """Holds the model, data, optimizer and scaler of one pretraining run; :meth:`run` trains.
 
-    Steps of one iteration: the batch of global iteration ``g`` (a function of the data seed and
-    ``g``), every generator reseeded from ``(seed, rank, g)`` (random masks, drop-path), lr from
-    the schedule (once per optimizer step), forward under autocast, one all-reduce of the loss
-    values (the mean across processes, for the log and the non-finite guard) and of the
-    time-budget flag, backward (skipped on every process when any loss is non-finite),
-    optimizer + scaler step every ``accum_iter`` iterations, EMA update, and a checkpoint when
-    one is due (only after an optimizer step, so no accumulated gradient is lost).
+    Steps of one iteration (one micro-batch): every generator reseeded from ``(seed, rank, g)``
+    (random masks, drop-path; ``IterationSeeder``), lr from the schedule (once per optimizer
+    step; ``EpochCosineLR``), the batch of global iteration ``g`` (a function of the data seed
+    and ``g``), forward under autocast, one all-reduce of the loss terms (the mean across
+    processes, for the log and the non-finite policy), backward (skipped on every process when
+    the loss is non-finite), optimizer + scaler step every ``accum_iter`` iterations (the
+    trainer), EMA update (``EMAUpdate``), and a checkpoint when one is due, or when the time
+    budget is spent (``PretrainCheckpointer``, after an optimizer step only, so no accumulated
+    gradient is lost).
 
     Resuming therefore repeats the uninterrupted run exactly, also from inside an epoch.
     """
@@ -233,11 +204,15 @@ class PretrainRunner:
             mode="skip",
             max_skips=None,
             max_consecutive=int(opt["max_nonfinite"]),
-            last_checkpoint=lambda: getattr(self, "last_checkpoint", None) or "",
+            last_checkpoint=lambda: (
+                self.checkpointer.last_checkpoint if self.checkpointer else self.resumed_from
+            )
+            or "",
             config_key="train.max_nonfinite",
             advice="or use train.amp_dtype='bfloat16'",
         )
         self.start_epoch, self.start_iter, self.resumed_from = 0, 0, None
+        self.checkpointer: Optional[PretrainCheckpointer] = None  # built by run()
         self._resume()
         self.ddp = self.model
         if self.world > 1:
@@ -260,7 +235,7 @@ class PretrainRunner:
         """Restore from ``resume_from`` or the newest readable checkpoint of ``output_dir``
         (chosen on the main process: a stale or unreadable ``last_checkpoint`` is repaired).
         Also removes the ``.tmp-*`` files of killed saves, and on a resume the
-        ``metrics.jsonl`` rows logged after the checkpoint (the resumed run logs them again)."""
+        ``metrics.json`` rows logged after the checkpoint (the resumed run logs them again)."""
         if self.rank == 0:
             remove_leftover_temp_files(self.out_dir)
         path = self.opt["resume_from"]
@@ -295,9 +270,9 @@ class PretrainRunner:
         self._drop_metrics_after(self.start_epoch * self.iters + self.start_iter)
 
     def _drop_metrics_after(self, step: int) -> None:
-        """Main process: drop the ``metrics.jsonl`` rows past ``step`` iterations done."""
+        """Main process: drop the ``metrics.json`` rows past ``step`` iterations done."""
         if self.rank == 0:
-            drop_metrics_after(os.path.join(self.out_dir, "metrics.jsonl"), step, key="step")
+            drop_metrics_after(os.path.join(self.out_dir, "metrics.json"), step - 1)
 
     def _build_data(self) -> None:
         opt = self.opt
@@ -315,105 +290,6 @@ class PretrainRunner:
             pin_memory=self.device.type == "cuda",
             skip_bad_samples=bool(opt["skip_bad_samples"]),
         )
-
-    # ------------------------------------------------------------------ one iteration
-    def _set_lr(self, epoch_float: float) -> None:
-        lr = lr_at(
-            epoch_float,
-            lr=self.lr,
-            min_lr=self.opt["min_lr"],
-            warmup_epochs=self.opt["warmup_epochs"],
-            epochs=self.epochs,
-        )
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def _reduce(self, out: Dict[str, torch.Tensor]) -> Tuple[Dict[str, float], bool]:
-        """Process-mean of every ``loss*`` output, and whether any process ran out of time."""
-        names = sorted(k for k in out if k.startswith("loss"))
-        wants_stop = self.deadline is not None and time.monotonic() > self.deadline
-        values = [out[k].detach().float().reshape(()) for k in names]
-        values = torch.stack(values + [torch.tensor(float(wants_stop), device=self.device)])
-        if self.world > 1:
-            dist.all_reduce(values)
-            values /= self.world
-        values = values.tolist()
-        return dict(zip(names, values[:-1])), values[-1] > 0
-
-    def _optimizer_step(self, progress: float) -> None:
-        if self.opt["clip_grad"] is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.opt["clip_grad"])
-        if scaler_step(self.scaler, self.optimizer):
-            self.amp_overflows += 1
-            logger.info("fp16 overflow: step skipped by the scaler (%d so far)", self.amp_overflows)
-        self.optimizer.zero_grad(set_to_none=True)
-        update_ema = getattr(self.model, "update_ema", None)
-        if update_ema is not None:
-            update_ema(progress)
-
-    def train_epoch(
-        self, epoch: int, meter: "_Meter", batches: Iterator[torch.Tensor], first: int = 0
-    ) -> bool:
-        """Iterations ``first, ..., iters - 1`` of ``epoch``, reading ``batches`` (positioned at
-        global iteration ``epoch * iters + first``). Writes the checkpoints that fall due.
-        Returns True when the time budget stopped it early."""
-        self.ddp.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
-        stop = False
-        for i in range(first, self.iters):
-            imgs = next(batches)
-            seed_everything(derive_seed(self.seed, self.rank, epoch * self.iters + i))
-            if i % self.accum == 0:
-                self._set_lr(epoch + i / self.iters)
-            step_now = (i + 1) % self.accum == 0
-            no_sync = self.world > 1 and not step_now
-            with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                    out = self.ddp(imgs.to(self.device, non_blocking=True))
-                stats, out_of_time = self._reduce(out)
-                stop = stop or out_of_time
-                # the one non-finite policy: skip, or raise at max_nonfinite in a row
-                finite = not self.guard.check(stats, epoch * self.iters + i)
-                if finite:
-                    self.scaler.scale(out["loss"] / self.accum).backward()
-                else:
-                    self.optimizer.zero_grad(set_to_none=True)
-            if step_now and finite:
-                self._optimizer_step((epoch * self.iters + i + 1) / (self.epochs * self.iters))
-            if finite:
-                meter.add(dict(stats, lr=self.optimizer.param_groups[0]["lr"]))
-                if (i + 1) % self.opt["log_period"] == 0 or i + 1 == self.iters or stop:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    s = meter.flush()
-                    if self.rank == 0:
-                        _log(s, epoch, self.epochs, i + 1, self.iters, metrics_path, self.device)
-            if step_now:  # a consistent state: no gradient accumulated
-                self._checkpoint_if_due(epoch, i + 1, stop)
-                if stop:
-                    break
-        return stop
-
-    # ------------------------------------------------------------------ checkpoints
-    def _checkpoint_if_due(self, epoch: int, done: int, stop: bool) -> None:
-        """After ``done`` iterations of ``epoch``: the epoch checkpoint every
-        ``checkpoint_period`` epochs and at the last one (or at a budget stop on the epoch's
-        end), else a resume point every ``checkpoint_period_iters`` iterations and at a budget
-        stop."""
-        end = done == self.iters
-        if end and (
-            (epoch + 1) % int(self.opt["checkpoint_period"]) == 0
-            or epoch + 1 == self.epochs
-            or stop
-        ):
-            self.last_checkpoint = self.save(epoch)
-        elif stop or (
-            self.period_iters is not None
-            and (epoch * self.iters + done) % int(self.period_iters) == 0
-        ):
-            self.last_checkpoint = self.save(epoch, done)
 
     def save(self, epoch: int, epoch_iter: Optional[int] = None) -> str:
         """Write ``checkpoint-EEEE.pth`` (``epoch`` done) or, with ``epoch_iter``,
@@ -445,6 +321,30 @@ class PretrainRunner:
         comm.synchronize()
         return path
 
+    def _hooks(self, total: int) -> list:
+        opt = self.opt
+        hooks = [
+            IterationSeeder(self.seed, self.loader),  # also positions the loader on resume
+            detectron2_hooks.IterationTimer(),
+            EpochCosineLR(
+                self.optimizer,
+                iters_per_epoch=self.iters,
+                accumulation=self.accum,
+                lr=self.lr,
+                min_lr=opt["min_lr"],
+                warmup_epochs=opt["warmup_epochs"],
+                epochs=self.epochs,
+            ),
+            EMAUpdate(getattr(self.model, "update_ema", None), total),
+            AMPOverflowCounter(),
+            SkippedSamplesCounter(self.loader),
+            self.checkpointer,
+        ]
+        if self.rank == 0:
+            writers = default_writers(self.out_dir, total)
+            hooks.append(detectron2_hooks.PeriodicWriter(writers, period=opt["log_period"]))
+        return hooks
+
     def run(self) -> Optional[str]:
         opt = self.opt
         logger.info(
@@ -466,22 +366,84 @@ class PretrainRunner:
             self.use_amp and opt["amp_dtype"],
             self.seed,
         )
-        start = self.start_epoch * self.iters + self.start_iter
-        meter = _Meter(self.epochs * self.iters - start, self.per_device * self.world)
-        self.last_checkpoint = self.resumed_from
-        self.loader.set_start_iter(start)
-        batches = iter(self.loader)
+        start, total = self.start_epoch * self.iters + self.start_iter, self.epochs * self.iters
+        clip = opt["clip_grad"]
+        batches = _OnDevice(self.loader, self.device)
+        trainer = ConvMAETrainer(
+            self.ddp,
+            batches,
+            self.optimizer,
+            precision=self.amp_dtype if self.use_amp else None,
+            device_type=self.device.type,
+            guard=self.guard,
+            grad_clip=None if clip is None else partial(nn.utils.clip_grad_norm_, max_norm=clip),
+            accumulation=self.accum,
+            loss_key="loss",
+            grad_scaler=self.scaler,
+        )
+        self.checkpointer = PretrainCheckpointer(
+            self.save,
+            iters_per_epoch=self.iters,
+            accumulation=self.accum,
+            epochs=self.epochs,
+            checkpoint_period=opt["checkpoint_period"],
+            period_iters=self.period_iters,
+            deadline=self.deadline,
+        )
+        self.checkpointer.last_checkpoint = self.resumed_from
+        trainer.register_hooks(self._hooks(total))
+        if start >= total:
+            logger.info("Nothing to train: iteration %d of %d", start, total)
+            return self.resumed_from
         try:
-            for epoch in range(self.start_epoch, self.epochs):
-                first = self.start_iter if epoch == self.start_epoch else 0
-                if self.train_epoch(epoch, meter, batches, first):
-                    logger.info(
-                        "Time budget of %s min reached in epoch %d", opt["max_minutes"], epoch
-                    )
-                    break
+            with _quiet_budget_stop():
+                trainer.train(start, total)
+        except TimeBudgetReached:
+            logger.info(
+                "Time budget of %s min reached in epoch %d",
+                opt["max_minutes"],
+                trainer.iter // self.iters,
+            )
         finally:
             batches.close()  # stops the loader's worker processes
-        return self.last_checkpoint
+        return self.checkpointer.last_checkpoint
+
+
+class _OnDevice:
+    """The pretraining loader's batches moved to ``device`` (the trainer feeds the model as it
+    comes); ``close()`` stops the loader's iterator and its worker processes."""
+
+    def __init__(self, loader, device: torch.device):
+        self._loader, self._device, self._iter = loader, device, None
+
+    def __iter__(self):
+        self._iter = iter(self._loader)
+        for imgs in self._iter:
+            yield imgs.to(self._device, non_blocking=True)
+
+    def close(self) -> None:
+        if self._iter is not None and hasattr(self._iter, "close"):
+            self._iter.close()
+
+
+class _DropBudgetStop(logging.Filter):
+    """detectron2's trainer logs every exception that ends ``train()`` with its traceback; the
+    time budget is a planned stop, logged by the runner in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, TimeBudgetReached)
+
+
+@contextlib.contextmanager
+def _quiet_budget_stop():
+    train_logger = logging.getLogger("detectron2.engine.train_loop")
+    flt = _DropBudgetStop()
+    train_logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        train_logger.removeFilter(flt)
 
 
 def run_pretraining(cfg: Mapping[str, Any]) -> Optional[str]:
@@ -492,24 +454,3 @@ def run_pretraining(cfg: Mapping[str, Any]) -> Optional[str]:
     step) and saves where it is, so ``resume`` continues from that iteration.
     """
     return PretrainRunner(cfg).run()
-
-
-def _log(s: Dict[str, float], epoch: int, epochs: int, it: int, iters: int, path: str, device):
-    losses = "  ".join(f"{k}: {v:.4f}" for k, v in s.items() if k.startswith("loss"))
-    mem = ""
-    if device.type == "cuda":
-        mem = f"  max_mem: {torch.cuda.max_memory_allocated(device) / 2**20:.0f}M"
-    logger.info(
-        "epoch: %d/%d  iter: %d/%d  %s  lr: %.3e  img/s: %.1f  eta: %s%s",
-        epoch,
-        epochs,
-        it,
-        iters,
-        losses,
-        s["lr"],
-        s["img_per_s"],
-        str(timedelta(seconds=int(s["eta_s"]))),
-        mem,
-    )
-    with open(path, "a") as f:
-        f.write(json.dumps(dict(s, epoch=epoch, iter=it, step=epoch * iters + it)) + "\n")

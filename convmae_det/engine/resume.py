@@ -25,8 +25,7 @@ never candidates.
 At the start of a run the main process also removes the ``.tmp-*`` files of saves that were
 killed (:func:`remove_leftover_temp_files`; the run lock keeps a second run out of the folder), and
 a resumed run drops the metrics rows logged after the checkpoint it resumes from
-(:func:`drop_metrics_after`), so every iteration appears once in ``metrics.json`` /
-``metrics.jsonl``.
+(:func:`drop_metrics_after`), so every iteration appears once in ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -312,10 +311,10 @@ def drop_metrics_after(path: str, last: float, key: str = "iteration") -> int:
     without ``key`` are kept. The file is rewritten atomically, only when something is dropped.
     Returns the number of rows dropped (unreadable lines included).
 
-    Detection and segmentation (detectron2's ``JSONWriter``, ``metrics.json``): ``key`` is
-    ``"iteration"`` and ``last`` the iteration the checkpoint holds. Pretraining
-    (``metrics.jsonl``): ``key`` is ``"step"`` (iterations done) and ``last`` the iterations
-    done at the checkpoint. Call on the main process, before a writer opens the file."""
+    Every job (detectron2's ``JSONWriter``, ``metrics.json``): ``key`` is ``"iteration"`` and
+    ``last`` the iteration the checkpoint holds (the ``metrics.jsonl`` of pretraining runs of
+    earlier versions used ``"step"``, iterations done). Call on the main process, before a writer
+    opens the file."""
     if not os.path.isfile(path):
         return 0
     with open(path, "rb") as f:

@@ -30,6 +30,8 @@ from typing import Callable, Iterable, List, Optional
 import torch
 import torch.nn as nn
 from detectron2.engine import SimpleTrainer
+from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
 
 from .hooks import FiniteLossGuard, mean_over_processes
 from .settings import RunSettings, resolve_device
@@ -61,6 +63,15 @@ class ConvMAETrainer(SimpleTrainer):
         guard: the non-finite loss policy (default: stop at the first NaN / Inf).
         grad_clip: called with the trainable parameters after backward (gradients unscaled),
             e.g. ``partial(torch.nn.utils.clip_grad_norm_, max_norm=1.0)``.
+        accumulation: iterations (micro-batches) per optimizer step: gradients of
+            ``loss / accumulation`` add up (DDP synchronises only the last one), the optimizer
+            steps after the last (pretraining's ``accum_iter``).
+        loss_key: the model returns its total loss under this key and its terms under other
+            ``loss*`` keys (pretraining models); None: the loss is the sum of the returned dict
+            (detectron2 models). The non-finite check and the metrics see the ``loss*`` terms;
+            ``total_loss`` is the total.
+        grad_scaler: the fp16 ``GradScaler`` to use (e.g. one restored from a checkpoint);
+            default a new one for fp16, a disabled one otherwise.
         **kwargs: ``SimpleTrainer``'s (``gather_metric_period``, ``zero_grad_before_forward``,
             ``async_write_metrics``).
     """
@@ -75,14 +86,24 @@ class ConvMAETrainer(SimpleTrainer):
         device_type: str = "cuda",
         guard: Optional[FiniteLossGuard] = None,
         grad_clip: Optional[GradClip] = None,
+        accumulation: int = 1,
+        loss_key: Optional[str] = None,
+        grad_scaler: Optional["torch.amp.GradScaler"] = None,
         **kwargs,
     ):
         super().__init__(model, data_loader, optimizer, **kwargs)
+        if accumulation < 1:
+            raise ValueError(f"accumulation={accumulation}; expected >= 1")
         self.precision = precision
         self.device_type = device_type
-        self.grad_scaler = torch.amp.GradScaler(device_type, enabled=precision == torch.float16)
+        if grad_scaler is None:
+            grad_scaler = torch.amp.GradScaler(device_type, enabled=precision == torch.float16)
+        self.grad_scaler = grad_scaler
         self.guard = guard if guard is not None else FiniteLossGuard(mode="stop")
         self.grad_clip = grad_clip
+        self.accumulation = int(accumulation)
+        self.loss_key = loss_key
+        self.optimizer_stepped = False  # whether the last iteration stepped the optimizer
         self._norm_stats: Optional[List[torch.Tensor]] = None
 
     def _forward(self, data):
@@ -92,46 +113,75 @@ class ConvMAETrainer(SimpleTrainer):
             else contextlib.nullcontext()
         )
         with context:
-            loss_dict = self.model(data)
-            if isinstance(loss_dict, torch.Tensor):
-                return loss_dict, {"total_loss": loss_dict}
-            return sum(loss_dict.values()), loss_dict
+            out = self.model(data)
+            if isinstance(out, torch.Tensor):
+                return out, {"total_loss": out}
+            if self.loss_key is not None:
+                return out[self.loss_key], {k: v for k, v in out.items() if k.startswith("loss")}
+            return sum(out.values()), out
 
     def run_step(self) -> None:
         assert self.model.training, "[ConvMAETrainer] model was changed to eval mode!"
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
+        first = self.iter % self.accumulation == 0  # of the micro-batches of one step
+        last = (self.iter + 1) % self.accumulation == 0
+        self.optimizer_stepped = False
 
         saved = None
         if self.guard.mode == "skip":
             if self._norm_stats is None:
                 self._norm_stats = _norm_statistics(self.model)
             saved = [b.clone() for b in self._norm_stats]
-        if self.zero_grad_before_forward:
+        if self.zero_grad_before_forward and first:
             self.optimizer.zero_grad()
-        losses, loss_dict = self._forward(data)
-        # every process sees the same averaged terms, so all take the same decision
-        if self.guard.check(mean_over_processes(loss_dict), self.iter):  # raises on "stop"
-            for buffer, value in zip(self._norm_stats or [], saved or []):
-                buffer.copy_(value)
-            self.optimizer.zero_grad(set_to_none=True)
-            return
-        if not self.zero_grad_before_forward:
-            self.optimizer.zero_grad()
-        self.grad_scaler.scale(losses).backward()
+        no_sync = not last and isinstance(self.model, DistributedDataParallel)
+        with self.model.no_sync() if no_sync else contextlib.nullcontext():
+            losses, loss_dict = self._forward(data)
+            # every process sees the same averaged terms, so all take the same decision
+            if self.guard.check(mean_over_processes(loss_dict), self.iter):  # raises on "stop"
+                for buffer, value in zip(self._norm_stats or [], saved or []):
+                    buffer.copy_(value)
+                self.optimizer.zero_grad(set_to_none=True)  # also what this step accumulated
+                return
+            if not self.zero_grad_before_forward and first:
+                self.optimizer.zero_grad()
+            if self.accumulation > 1:
+                losses = losses / self.accumulation
+            self.grad_scaler.scale(losses).backward()
         self.after_backward()
-        if self.async_write_metrics:
+        if self.loss_key is not None:
+            self._write_total_and_terms(loss_dict, data_time)
+        elif self.async_write_metrics:
             self.concurrent_executor.submit(
                 self._write_metrics, loss_dict, data_time, iter=self.iter
             )
         else:
             self._write_metrics(loss_dict, data_time)
+        if not last:
+            return
         if self.grad_clip is not None:
             self.grad_scaler.unscale_(self.optimizer)
             self.grad_clip([p for g in self.optimizer.param_groups for p in g["params"]])
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
+        self.optimizer_stepped = True
+
+    def _write_total_and_terms(self, loss_dict: dict, data_time: float) -> None:
+        """Metrics of a model with a ``loss_key``: ``total_loss`` is that entry (not the sum of
+        the terms, which may be weighted), every ``loss*`` term besides; averaged over the
+        processes, ``data_time`` their maximum."""
+        values = {k: float(v.detach().float().item()) for k, v in loss_dict.items()}
+        gathered = comm.gather(dict(values, data_time=data_time))
+        if not comm.is_main_process():
+            return
+        storage = self.storage
+        storage.put_scalar("data_time", max(g.pop("data_time") for g in gathered))
+        mean = {k: sum(g[k] for g in gathered) / len(gathered) for k in gathered[0]}
+        storage.put_scalar("total_loss", mean.pop(self.loss_key))
+        if mean:
+            storage.put_scalars(**mean)
 
     def state_dict(self) -> dict:
         ret = super().state_dict()

@@ -1,5 +1,5 @@
-"""Training curves from detectron2's ``metrics.json`` (one JSON dict per line) or the pretraining
-``metrics.jsonl``: losses, learning rate and evaluation metrics (box / mask AP, mIoU) against the
+"""Training curves from detectron2's ``metrics.json`` (one JSON dict per line; every job writes
+it) or the ``metrics.jsonl`` of pretraining runs of earlier versions: losses, learning rate and evaluation metrics (box / mask AP, mIoU) against the
 iteration, written as PNGs with matplotlib's Agg backend.
 
 A loss term equal to another at every point (``loss_pixel`` of a pretraining run whose ``loss`` is
