@@ -294,7 +294,7 @@ def _data(args) -> dict:
 
 def _exported(args) -> dict:
     from convmae_det.deploy import ExportedModelError, synthetic_image
-    from convmae_det.deploy.timing import benchmark_exported
+    from convmae_det.deploy.timing import benchmark_exported, report_lines
 
     if args.mode not in (None, "inference"):
         raise BenchmarkSetupError(f"--exported times inference only, not --mode {args.mode}")
@@ -318,13 +318,7 @@ def _exported(args) -> dict:
         )
     except ExportedModelError as exc:
         raise BenchmarkSetupError(str(exc)) from None
-    h, w = result["image_size"]
-    print(
-        f"{result['format']} export of {result['config_file']}: {rounds} interleaved rounds on "
-        f"a {h}x{w} image, {result['threads']} CPU threads, fp32"
-    )
-    for line in result["lines"]:
-        print("  " + line)
+    print("\n".join(report_lines(result, f"{result['format']} export of {result['config_file']}")))
     _write_json(args.output, result)
     return result
 

@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _benchmark(args, result) -> None:
-    from convmae_det.deploy.timing import benchmark_exported
+    from convmae_det.deploy.timing import benchmark_exported, report_lines
 
     image = None
     if args.sample_image:
@@ -75,13 +75,7 @@ def _benchmark(args, result) -> None:
     report = benchmark_exported(
         result.output, image=image, rounds=args.benchmark, threads=args.threads or None
     )
-    h, w = report["image_size"]
-    print(
-        f"benchmark: {report['rounds']} interleaved rounds on a {h}x{w} image, "
-        f"{report['threads']} CPU threads, fp32"
-    )
-    for line in report["lines"]:
-        print("  " + line)
+    print("\n".join(report_lines(report)))
 
 
 def main(argv=None) -> int:

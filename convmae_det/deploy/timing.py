@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-__all__ = ["Timing", "benchmark_exported", "speed_lines", "time_interleaved"]
+__all__ = ["Timing", "benchmark_exported", "report_lines", "speed_lines", "time_interleaved"]
 
 
 @dataclass
@@ -126,3 +126,14 @@ def benchmark_exported(
         "speedup_min": e.min_ms / x.min_ms,
         "lines": speed_lines(timings),
     }
+
+
+def report_lines(result: Dict[str, Any], title: str = "benchmark") -> List[str]:
+    """The lines a tool prints for a :func:`benchmark_exported` result: a heading (rounds, image,
+    threads) and one line per predictor."""
+    h, w = result["image_size"]
+    head = (
+        f"{title}: {result['rounds']} interleaved rounds on a {h}x{w} image, "
+        f"{result['threads']} CPU threads, fp32"
+    )
+    return [head] + ["  " + line for line in result["lines"]]
