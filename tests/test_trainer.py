@@ -248,3 +248,22 @@ def test_one_nonfinite_policy_counts_in_all_or_in_a_row():
     stop = FiniteLossGuard(mode="stop", config_key="SOLVER.NONFINITE_LOSS")
     with pytest.raises(NonFiniteLossError, match="set SOLVER.NONFINITE_LOSS=skip"):
         stop.check({"loss_a": 1.0, "loss_b": float("inf")}, 4)
+
+
+def test_pretraining_reads_the_same_settings_with_the_official_nonfinite_rule():
+    from convmae_det.engine import build_trainer
+    from convmae_det.engine.pretrain_loop import PRETRAIN_DEFAULTS
+
+    train = dict(PRETRAIN_DEFAULTS, max_nonfinite=3, amp_dtype="bf16", log_period=5)
+    settings = RunSettings.from_pretrain(train, device="cpu", max_iter=40)
+    assert settings.precision is None  # AMP is for CUDA; bf16 is a valid spelling
+    assert (settings.max_iter, settings.log_period, settings.eval_period) == (40, 5, 0)
+    assert (settings.nonfinite_loss, settings.nonfinite_max_skips) == ("skip", None)
+    assert settings.nonfinite_max_in_a_row == 3
+    model = _LossOf(nn.Linear(2, 1))
+    trainer = build_trainer(
+        model, [], torch.optim.SGD(model.parameters(), lr=0.1), settings, accumulation=2
+    )
+    assert trainer.accumulation == 2 and trainer.guard.max_consecutive == 3
+    with pytest.raises(ValueError, match="train.amp_dtype='half'"):
+        RunSettings.from_pretrain(dict(train, amp_dtype="half"), device="cpu", max_iter=1)

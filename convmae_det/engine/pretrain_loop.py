@@ -32,7 +32,7 @@ from detectron2.engine import hooks as detectron2_hooks
 from detectron2.utils import comm
 
 from ..solver import build_param_groups
-from .hooks import AMPOverflowCounter, FiniteLossGuard, SkippedSamplesCounter
+from .hooks import AMPOverflowCounter, SkippedSamplesCounter
 from .pretrain_hooks import EMAUpdate, EpochCosineLR, PretrainCheckpointer, TimeBudgetReached, lr_at
 from .pretrain_checkpoint import checkpoint_name, find_last_checkpoint, load_pretrain_checkpoint
 from .pretrain_checkpoint import plain_args, prune_iteration_checkpoints, restore_pretraining
@@ -41,8 +41,8 @@ from .pretrain_data import ImageFiles, build_pretrain_loader, build_pretrain_tra
 from .pretrain_data import iters_per_epoch, resolve_data_path
 from .reproducibility import IterationSeeder, resolve_run_seed
 from .resume import decide_on_main_process, drop_metrics_after, remove_leftover_temp_files
-from .settings import amp_precision, resolve_device
-from .trainer import ConvMAETrainer
+from .settings import RunSettings, resolve_device
+from .trainer import ConvMAETrainer, build_trainer
 
 __all__ = [
     "PRETRAIN_DEFAULTS",
@@ -186,31 +186,16 @@ class PretrainRunner:
             lr=self.lr,
             betas=tuple(opt["betas"]),
         )
-        amp_dtype = amp_precision(
-            bool(opt["amp"]),
-            opt["amp_dtype"],
-            device=self.device.type,
-            enabled_key="train.amp",
-            precision_key="train.amp_dtype",
+        # device, precision, the official non-finite rule (skip, give up at max_nonfinite in a
+        # row), seed, periods: the run settings every job has
+        self.settings = RunSettings.from_pretrain(
+            opt, device=str(self.device), max_iter=self.epochs * self.iters
         )
-        self.use_amp = amp_dtype is not None
-        self.amp_dtype = amp_dtype or torch.bfloat16  # autocast's argument (unused when off)
-        fp16 = amp_dtype == torch.float16
+        self.use_amp = self.settings.precision is not None
+        fp16 = self.settings.precision == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
-        self.amp_overflows = 0  # fp16 steps the scaler skipped (inf / NaN gradients)
-
-        # skip a non-finite step, give up at max_nonfinite in a row (as the official loop)
-        self.guard = FiniteLossGuard(
-            mode="skip",
-            max_skips=None,
-            max_consecutive=int(opt["max_nonfinite"]),
-            last_checkpoint=lambda: (
-                self.checkpointer.last_checkpoint if self.checkpointer else self.resumed_from
-            )
-            or "",
-            config_key="train.max_nonfinite",
-            advice="or use train.amp_dtype='bfloat16'",
-        )
+        self.nonfinite_in_a_row = 0  # restored by a resume
+        self.trainer: Optional[ConvMAETrainer] = None  # built by run()
         self.start_epoch, self.start_iter, self.resumed_from = 0, 0, None
         self.checkpointer: Optional[PretrainCheckpointer] = None  # built by run()
         self._resume()
@@ -254,7 +239,7 @@ class PretrainRunner:
                 logger.info("Run seed %d from %s (config: %d)", state["seed"], path, self.seed)
             self.seed = int(state["seed"])
             self.loader.load_state_dict(state["loader"])
-            self.guard.consecutive = int(state.get("nonfinite", 0))
+            self.nonfinite_in_a_row = int(state.get("nonfinite", 0))
             if int(state["iters_per_epoch"]) != self.iters:
                 logger.warning(
                     "%s was written with %d iterations per epoch, this run has %d (other batch "
@@ -304,7 +289,9 @@ class PretrainRunner:
                 iters_per_epoch=self.iters,
                 seed=self.seed,
                 loader=self.loader.state_dict(),
-                nonfinite=self.guard.consecutive,
+                nonfinite=(
+                    self.trainer.guard.consecutive if self.trainer else self.nonfinite_in_a_row
+                ),
             )
             save_pretrain_checkpoint(
                 path,
@@ -342,7 +329,7 @@ class PretrainRunner:
         ]
         if self.rank == 0:
             writers = default_writers(self.out_dir, total)
-            hooks.append(detectron2_hooks.PeriodicWriter(writers, period=opt["log_period"]))
+            hooks.append(detectron2_hooks.PeriodicWriter(writers, period=self.settings.log_period))
         return hooks
 
     def run(self) -> Optional[str]:
@@ -369,25 +356,29 @@ class PretrainRunner:
         start, total = self.start_epoch * self.iters + self.start_iter, self.epochs * self.iters
         clip = opt["clip_grad"]
         batches = _OnDevice(self.loader, self.device)
-        trainer = ConvMAETrainer(
+        trainer = build_trainer(
             self.ddp,
             batches,
             self.optimizer,
-            precision=self.amp_dtype if self.use_amp else None,
-            device_type=self.device.type,
-            guard=self.guard,
+            self.settings,
+            last_checkpoint=lambda: (
+                self.checkpointer.last_checkpoint if self.checkpointer else self.resumed_from
+            )
+            or "",
             grad_clip=None if clip is None else partial(nn.utils.clip_grad_norm_, max_norm=clip),
             accumulation=self.accum,
             loss_key="loss",
             grad_scaler=self.scaler,
         )
+        trainer.guard.consecutive = self.nonfinite_in_a_row
+        self.trainer = trainer
         self.checkpointer = PretrainCheckpointer(
             self.save,
             iters_per_epoch=self.iters,
             accumulation=self.accum,
             epochs=self.epochs,
-            checkpoint_period=opt["checkpoint_period"],
-            period_iters=self.period_iters,
+            checkpoint_period=self.settings.checkpointer["period_epochs"],
+            period_iters=self.settings.checkpointer["period_iters"],
             deadline=self.deadline,
         )
         self.checkpointer.last_checkpoint = self.resumed_from

@@ -87,7 +87,7 @@ class RunSettings:
         device: "cuda..." or "cpu" (after the CPU fallback).
         precision: autocast dtype (``torch.bfloat16`` / ``torch.float16``), None for fp32.
         nonfinite_loss: "stop" or "skip" (see :class:`convmae_det.engine.hooks.FiniteLossGuard`).
-        nonfinite_max_skips: "skip" stops after this many skipped batches.
+        nonfinite_max_skips: "skip" stops after this many skipped batches in all (None: no limit).
         seed: run seed (< 0: random, shared by the processes and kept in the checkpoint).
         max_iter: iterations of the run.
         checkpointer: keyword arguments of detectron2's ``PeriodicCheckpointer``
@@ -96,12 +96,15 @@ class RunSettings:
         log_period: console / ``metrics.json`` / tensorboard period.
         output_dir: the run's folder.
         keys: the config key of each setting, for messages (``{"nonfinite_loss": ...}``).
+        nonfinite_max_in_a_row: "skip" stops at this many non-finite losses in a row (None: no
+            limit; pretraining's ``train.max_nonfinite``).
+        nonfinite_advice: appended to the non-finite error message.
     """
 
     device: str
     precision: Optional[torch.dtype]
     nonfinite_loss: str
-    nonfinite_max_skips: int
+    nonfinite_max_skips: Optional[int]
     seed: int
     max_iter: int
     checkpointer: Dict[str, Any]
@@ -109,6 +112,8 @@ class RunSettings:
     log_period: int
     output_dir: str
     keys: Dict[str, str] = field(default_factory=dict)
+    nonfinite_max_in_a_row: Optional[int] = None
+    nonfinite_advice: str = ""
 
     @property
     def precision_name(self) -> str:
@@ -146,6 +151,43 @@ class RunSettings:
                 "device": "train.device",
                 "seed": "train.seed",
             },
+        )
+
+    @classmethod
+    def from_pretrain(
+        cls, train: Mapping[str, Any], *, device: str, max_iter: int
+    ) -> "RunSettings":
+        """From pretraining's ``train`` options (``PRETRAIN_DEFAULTS``), on ``device`` (already
+        chosen), for ``max_iter`` iterations (epochs x iterations per epoch). The non-finite
+        policy is the official loop's: skip, give up at ``max_nonfinite`` in a row. Checkpoints
+        follow epochs (``checkpoint_period``) and ``checkpoint_period_iters``."""
+        return cls(
+            device=str(device),
+            precision=amp_precision(
+                bool(train["amp"]),
+                str(train["amp_dtype"]),
+                device=str(device),
+                enabled_key="train.amp",
+                precision_key="train.amp_dtype",
+            ),
+            nonfinite_loss="skip",
+            nonfinite_max_skips=None,
+            seed=int(train["seed"]),
+            max_iter=int(max_iter),
+            checkpointer={
+                "period_epochs": int(train["checkpoint_period"]),
+                "period_iters": train["checkpoint_period_iters"],
+            },
+            eval_period=0,
+            log_period=int(train["log_period"]),
+            output_dir=str(train["output_dir"]),
+            keys={
+                "nonfinite_loss": "train.max_nonfinite",
+                "device": "train.device",
+                "seed": "train.seed",
+            },
+            nonfinite_max_in_a_row=int(train["max_nonfinite"]),
+            nonfinite_advice="or use train.amp_dtype='bfloat16'",
         )
 
     @classmethod

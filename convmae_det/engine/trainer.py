@@ -205,14 +205,17 @@ def build_trainer(
     grad_clip: Optional[GradClip] = None,
     **kwargs,
 ) -> ConvMAETrainer:
-    """The trainer of a run: ``settings`` give the precision (already None off CUDA) and the
+    """The trainer of every run: ``settings`` give the precision (already None off CUDA) and the
     non-finite loss policy; ``last_checkpoint`` returns the newest checkpoint's path (named when
-    a non-finite loss stops the run)."""
+    a non-finite loss stops the run); ``kwargs`` go to :class:`ConvMAETrainer` (pretraining:
+    ``accumulation``, ``loss_key``, ``grad_scaler``)."""
     guard = FiniteLossGuard(
         mode=settings.nonfinite_loss,
         max_skips=settings.nonfinite_max_skips,
+        max_consecutive=settings.nonfinite_max_in_a_row,
         last_checkpoint=last_checkpoint,
         config_key=settings.key("nonfinite_loss"),
+        advice=settings.nonfinite_advice,
     )
     return ConvMAETrainer(
         model,
