@@ -213,6 +213,9 @@ def test_settings_read_either_config_kind_in_one_place(caplog):
     assert det.key("nonfinite_loss") == "train.nonfinite_loss"
     same = ("device", "precision", "seed", "max_iter", "checkpointer", "eval_period", "log_period")
     assert all(getattr(det, k) == getattr(seg, k) for k in same + ("output_dir",))
+    cfg = _seg_cfg()
+    cfg.SEED = -1  # a random run seed is drawn once, here: the settings hold the resolved one
+    assert 0 <= RunSettings.from_yacs(cfg).seed < 2**31
     with pytest.raises(ValueError, match="SOLVER.AMP.DTYPE='fp8'"):
         RunSettings.from_yacs(_seg_cfg(**{"AMP.DTYPE": "fp8"}))
     with caplog.at_level(logging.WARNING):
@@ -255,9 +258,10 @@ def test_pretraining_reads_the_same_settings_with_the_official_nonfinite_rule():
     from convmae_det.engine.pretrain_loop import PRETRAIN_DEFAULTS
 
     train = dict(PRETRAIN_DEFAULTS, max_nonfinite=3, amp_dtype="bf16", log_period=5)
-    settings = RunSettings.from_pretrain(train, device="cpu", max_iter=40)
+    settings = RunSettings.from_pretrain(train, device="cpu", max_iter=40, seed=3)
     assert settings.precision is None  # AMP is for CUDA; bf16 is a valid spelling
     assert (settings.max_iter, settings.log_period, settings.eval_period) == (40, 5, 0)
+    assert settings.seed == 3
     assert (settings.nonfinite_loss, settings.nonfinite_max_skips) == ("skip", None)
     assert settings.nonfinite_max_in_a_row == 3
     model = _LossOf(nn.Linear(2, 1))
@@ -266,4 +270,4 @@ def test_pretraining_reads_the_same_settings_with_the_official_nonfinite_rule():
     )
     assert trainer.accumulation == 2 and trainer.guard.max_consecutive == 3
     with pytest.raises(ValueError, match="train.amp_dtype='half'"):
-        RunSettings.from_pretrain(dict(train, amp_dtype="half"), device="cpu", max_iter=1)
+        RunSettings.from_pretrain(dict(train, amp_dtype="half"), device="cpu", max_iter=1, seed=0)

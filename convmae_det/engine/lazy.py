@@ -13,7 +13,6 @@ datasets are checked before anything is built, and the final metrics are returne
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, Dict, List, Optional
 
@@ -26,7 +25,7 @@ from omegaconf import DictConfig
 
 from ..checkpoint import ConvMAECheckpointer
 from .config import check_datasets, dataset_names_in_config
-from .reproducibility import derive_seed, enable_determinism, resolve_run_seed, seed_everything
+from .reproducibility import derive_seed, enable_determinism, seed_everything
 from .settings import RunSettings, data_seed, resolve_device
 from .trainer import count_parameters
 from .training import load_weights, run_training
@@ -105,17 +104,15 @@ def lazy_train(
     ``train_seconds`` (the training loop without evaluation) and ``eval_seconds``.
     """
     check_datasets(dataset_names_in_config(cfg))
-    settings = RunSettings.from_lazy(cfg.train)
+    settings = RunSettings.from_lazy(cfg.train)  # the run seed resolved
     cfg.train.device = settings.device
     # one run seed: a training loader left random (seed < 0) takes its seed from it, so
     # train.seed >= 0 fixes the batches as well as the per-iteration seeds
-    run_seed = resolve_run_seed(settings.seed)
-    settings = dataclasses.replace(settings, seed=run_seed)
     loader_cfg = cfg.dataloader.train
     if "seed" in loader_cfg and (loader_cfg.seed is None or int(loader_cfg.seed) < 0):
-        loader_cfg.seed = data_seed(run_seed)
+        loader_cfg.seed = data_seed(settings.seed)
     # and the weights the checkpoint does not give (new heads): the same in every run and process
-    seed_everything(derive_seed(run_seed, _MODEL_INIT_DOMAIN))
+    seed_everything(derive_seed(settings.seed, _MODEL_INIT_DOMAIN))
     enable_determinism(bool(cfg.train.get("deterministic", False)))
     model = instantiate(cfg.model).to(settings.device)
     logger.info(

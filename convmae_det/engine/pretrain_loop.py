@@ -18,6 +18,7 @@ dict that :func:`detectron2.config.instantiate` builds) and ``train`` (keys of
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -27,22 +28,20 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from detectron2.engine import default_writers
-from detectron2.engine import hooks as detectron2_hooks
 from detectron2.utils import comm
 
 from ..solver import build_param_groups
-from .hooks import AMPOverflowCounter, SkippedSamplesCounter
 from .pretrain_hooks import EMAUpdate, EpochCosineLR, PretrainCheckpointer, TimeBudgetReached, lr_at
 from .pretrain_checkpoint import checkpoint_name, find_last_checkpoint, load_pretrain_checkpoint
 from .pretrain_checkpoint import plain_args, prune_iteration_checkpoints, restore_pretraining
 from .pretrain_checkpoint import save_pretrain_checkpoint
 from .pretrain_data import ImageFiles, build_pretrain_loader, build_pretrain_transform
 from .pretrain_data import iters_per_epoch, resolve_data_path
-from .reproducibility import IterationSeeder, resolve_run_seed
+from .reproducibility import resolve_run_seed
 from .resume import decide_on_main_process, drop_metrics_after, remove_leftover_temp_files
 from .settings import RunSettings, resolve_device
 from .trainer import ConvMAETrainer, build_trainer
+from .training import standard_hooks, writer_hook
 
 __all__ = [
     "PRETRAIN_DEFAULTS",
@@ -189,7 +188,7 @@ class PretrainRunner:
         # device, precision, the official non-finite rule (skip, give up at max_nonfinite in a
         # row), seed, periods: the run settings every job has
         self.settings = RunSettings.from_pretrain(
-            opt, device=str(self.device), max_iter=self.epochs * self.iters
+            opt, device=str(self.device), max_iter=self.epochs * self.iters, seed=self.seed
         )
         self.use_amp = self.settings.precision is not None
         fp16 = self.settings.precision == torch.float16
@@ -238,6 +237,7 @@ class PretrainRunner:
             if int(state["seed"]) != self.seed:
                 logger.info("Run seed %d from %s (config: %d)", state["seed"], path, self.seed)
             self.seed = int(state["seed"])
+            self.settings = dataclasses.replace(self.settings, seed=self.seed)
             self.loader.load_state_dict(state["loader"])
             self.nonfinite_in_a_row = int(state.get("nonfinite", 0))
             if int(state["iters_per_epoch"]) != self.iters:
@@ -310,9 +310,8 @@ class PretrainRunner:
 
     def _hooks(self, total: int) -> list:
         opt = self.opt
-        hooks = [
-            IterationSeeder(self.seed, self.loader),  # also positions the loader on resume
-            detectron2_hooks.IterationTimer(),
+        # seeding (also positions the loader on resume), AMP overflows, skipped samples, timer
+        hooks = standard_hooks(self.settings.seed, self.loader) + [
             EpochCosineLR(
                 self.optimizer,
                 iters_per_epoch=self.iters,
@@ -323,13 +322,10 @@ class PretrainRunner:
                 epochs=self.epochs,
             ),
             EMAUpdate(getattr(self.model, "update_ema", None), total),
-            AMPOverflowCounter(),
-            SkippedSamplesCounter(self.loader),
             self.checkpointer,
         ]
         if self.rank == 0:
-            writers = default_writers(self.out_dir, total)
-            hooks.append(detectron2_hooks.PeriodicWriter(writers, period=self.settings.log_period))
+            hooks.append(writer_hook(self.settings))
         return hooks
 
     def run(self) -> Optional[str]:

@@ -26,7 +26,6 @@ Reliability, as in the detection trainer (``docs/RELIABILITY.md``):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -44,7 +43,6 @@ from detectron2.evaluation import SemSegEvaluator, inference_on_dataset, print_c
 from ..config import add_convmae_config, merge_config_file_safely
 from ..data.resumable_loader import ResumableTrainLoader
 from ..data.sem_seg_mapper import SemSegDatasetMapper, check_num_classes
-from .reproducibility import resolve_run_seed
 from .seg_solver import build_seg_lr_scheduler, build_seg_optimizer
 from .settings import RunSettings, data_seed, resolve_device
 from .training import run_training
@@ -205,11 +203,9 @@ def do_seg_train(
     model.train()
     optimizer = build_seg_optimizer(cfg, model)
     scheduler = build_seg_lr_scheduler(cfg, optimizer)
-    seed = resolve_run_seed(cfg.SEED)
-    settings = dataclasses.replace(settings, seed=seed)  # the loader's seed derives from it
-    loader = build_seg_train_loader(cfg, seed=data_seed(seed))
+    loader = build_seg_train_loader(cfg, seed=data_seed(settings.seed))  # run seed resolved
     model = create_ddp_model(model, broadcast_buffers=False)
-    logger.info(f"Training data seed {loader.seed} (run seed {seed})")
+    logger.info(f"Training data seed {loader.seed} (run seed {settings.seed})")
     results: "OrderedDict[str, Dict]" = OrderedDict()
     try:
         run_training(

@@ -34,7 +34,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 from ..utils.precision import parse_precision, precision_name
-from ..utils.seeding import derive_seed
+from ..utils.seeding import derive_seed, resolve_run_seed
 
 __all__ = ["DATA_SEED_DOMAIN", "RunSettings", "amp_precision", "data_seed", "resolve_device"]
 
@@ -88,7 +88,9 @@ class RunSettings:
         precision: autocast dtype (``torch.bfloat16`` / ``torch.float16``), None for fp32.
         nonfinite_loss: "stop" or "skip" (see :class:`convmae_det.engine.hooks.FiniteLossGuard`).
         nonfinite_max_skips: "skip" stops after this many skipped batches in all (None: no limit).
-        seed: run seed (< 0: random, shared by the processes and kept in the checkpoint).
+        seed: the run seed, resolved: a config's seed < 0 becomes a random one, drawn once and
+            shared by the processes (build the settings on every process); it is kept in the
+            checkpoint, and the training loader's seed derives from it (:func:`data_seed`).
         max_iter: iterations of the run.
         checkpointer: keyword arguments of detectron2's ``PeriodicCheckpointer``
             (``period``, ``max_to_keep``).
@@ -140,7 +142,7 @@ class RunSettings:
             ),
             nonfinite_loss=str(train.get("nonfinite_loss", "stop")),
             nonfinite_max_skips=int(train.get("nonfinite_max_skips", 10)),
-            seed=int(train.get("seed", -1)),
+            seed=resolve_run_seed(train.get("seed", -1)),
             max_iter=int(train.max_iter),
             checkpointer=dict(train.get("checkpointer", {}) or {}),
             eval_period=int(train.get("eval_period", 0)),
@@ -155,10 +157,12 @@ class RunSettings:
 
     @classmethod
     def from_pretrain(
-        cls, train: Mapping[str, Any], *, device: str, max_iter: int
+        cls, train: Mapping[str, Any], *, device: str, max_iter: int, seed: int
     ) -> "RunSettings":
         """From pretraining's ``train`` options (``PRETRAIN_DEFAULTS``), on ``device`` (already
-        chosen), for ``max_iter`` iterations (epochs x iterations per epoch). The non-finite
+        chosen), for ``max_iter`` iterations (epochs x iterations per epoch), with the run
+        ``seed`` the runner resolved (it seeds the data before the settings can be built; a
+        resumed run takes the checkpoint's). The non-finite
         policy is the official loop's: skip, give up at ``max_nonfinite`` in a row. Checkpoints
         follow epochs (``checkpoint_period``) and ``checkpoint_period_iters``."""
         return cls(
@@ -172,7 +176,7 @@ class RunSettings:
             ),
             nonfinite_loss="skip",
             nonfinite_max_skips=None,
-            seed=int(train["seed"]),
+            seed=int(seed),
             max_iter=int(max_iter),
             checkpointer={
                 "period_epochs": int(train["checkpoint_period"]),
@@ -206,7 +210,7 @@ class RunSettings:
             ),
             nonfinite_loss=str(s.NONFINITE_LOSS),
             nonfinite_max_skips=int(s.NONFINITE_MAX_SKIPS),
-            seed=int(cfg.SEED),
+            seed=resolve_run_seed(cfg.SEED),
             max_iter=int(s.MAX_ITER),
             checkpointer={
                 "period": int(s.CHECKPOINT_PERIOD),

@@ -32,12 +32,18 @@ from detectron2.utils import comm
 
 from ..checkpoint import ConvMAECheckpointer
 from .hooks import AMPOverflowCounter, LRScheduler, SkippedSamplesCounter
-from .reproducibility import IterationSeeder, resolve_run_seed
+from .reproducibility import IterationSeeder
 from .resume import drop_metrics_after, remove_leftover_temp_files, resume_newest
 from .settings import RunSettings
 from .trainer import GradClip, build_trainer
 
-__all__ = ["load_weights", "run_training", "upgrade_training_state"]
+__all__ = [
+    "load_weights",
+    "run_training",
+    "standard_hooks",
+    "upgrade_training_state",
+    "writer_hook",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +73,25 @@ def upgrade_training_state(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
     checkpoint["trainer"] = state
     logger.info("Resume point of the earlier segmentation loop: upgraded to the trainer layout")
     return checkpoint
+
+
+def standard_hooks(seed: int, data_loader: Iterable) -> list:
+    """The hooks every job starts with: :class:`IterationSeeder` (reseeds every generator from
+    ``(seed, rank, iteration)`` and positions a resumable loader), :class:`AMPOverflowCounter`,
+    :class:`SkippedSamplesCounter` and detectron2's ``IterationTimer``."""
+    return [
+        IterationSeeder(seed, data_loader),
+        AMPOverflowCounter(),
+        SkippedSamplesCounter(data_loader),
+        hooks.IterationTimer(),
+    ]
+
+
+def writer_hook(settings: RunSettings) -> hooks.PeriodicWriter:
+    """detectron2's writers (console with ETA, ``metrics.json``, tensorboard) every
+    ``settings.log_period`` iterations; register it last, on the main process."""
+    writers = default_writers(settings.output_dir, settings.max_iter)
+    return hooks.PeriodicWriter(writers, period=settings.log_period)
 
 
 def load_weights(checkpointer: ConvMAECheckpointer, path: str, *, strict: bool = False) -> None:
@@ -138,11 +163,8 @@ def run_training(
 
     main = comm.is_main_process()
     trainer.register_hooks(
-        [
-            IterationSeeder(resolve_run_seed(settings.seed), data_loader),
-            AMPOverflowCounter(),
-            SkippedSamplesCounter(data_loader),
-            hooks.IterationTimer(),
+        standard_hooks(settings.seed, data_loader)
+        + [
             LRScheduler(scheduler=lr_scheduler),
             hooks.PeriodicCheckpointer(checkpointer, **settings.checkpointer) if main else None,
             hooks.EvalHook(settings.eval_period, run_evaluation),
@@ -159,14 +181,7 @@ def run_training(
         if resume:  # rows logged after the checkpoint: the resumed run logs them again
             drop_metrics_after(os.path.join(settings.output_dir, "metrics.json"), start_iter - 1)
         # the writers (last hook) open metrics.json for appending: only once it was cut
-        trainer.register_hooks(
-            [
-                hooks.PeriodicWriter(
-                    default_writers(settings.output_dir, settings.max_iter),
-                    period=settings.log_period,
-                )
-            ]
-        )
+        trainer.register_hooks([writer_hook(settings)])
     if start_iter >= settings.max_iter:
         logger.info(f"Nothing to train: start_iter={start_iter} >= max_iter={settings.max_iter}")
         return run_evaluation()
