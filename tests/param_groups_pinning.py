@@ -39,6 +39,8 @@ TOY_CONFIGS = [
     "configs/pretrain/convmae_toy.py",
     "configs/pretrain/fastconvmae_toy.py",
     "configs/pretrain/fastconvmae_mor_toy.py",
+    "configs/toy/convvit_toy_finetune.py",
+    "configs/toy/convvit_toy_linprobe.py",
 ]
 BASE_CONFIGS = [
     "configs/COCO/mask_rcnn_convmae_vitdet_b_25ep.py",
@@ -48,11 +50,17 @@ BASE_CONFIGS = [
     "configs/pretrain/convmae_b_1600ep.py",
     "configs/pretrain/fastconvmae_b_50ep.py",
     "configs/pretrain/fastconvmae_b_mor_50ep.py",
+    "configs/ImageNet/convvit_b_finetune_100ep.py",
+    "configs/ImageNet/fastconvmae_b_finetune_100ep.py",
+    "configs/ImageNet/convvit_b_linprobe_90ep.py",
 ]
 SHIPPED_CONFIGS = TOY_CONFIGS + BASE_CONFIGS
 
 # Group entries recorded besides the parameter names (those the optimizers of the recipes use).
-_HYPER_KEYS = ("lr", "weight_decay", "lr_scale", "betas", "eps", "momentum", "nesterov")
+_HYPER_KEYS = (
+    "lr", "weight_decay", "lr_scale", "betas", "eps", "momentum", "nesterov", "always_adapt",
+    "trust_coeff",
+)  # fmt: skip
 
 
 def _build(config: str):

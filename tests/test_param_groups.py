@@ -53,7 +53,7 @@ def _first_difference(got, want):
 def test_every_shipped_config_is_pinned():
     shipped = sorted(
         os.path.relpath(p, ROOT)
-        for pattern in ("COCO/*.py", "toy/*.py", "ADE20K/*.yaml", "pretrain/*.py")
+        for pattern in ("COCO/*.py", "toy/*.py", "ADE20K/*.yaml", "pretrain/*.py", "ImageNet/*.py")
         for p in glob.glob(os.path.join(ROOT, "configs", pattern))
     )
     assert shipped == sorted(SHIPPED_CONFIGS)

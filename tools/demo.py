@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Draw a detector's or segmenter's predictions on images or a video.
+"""Draw a detector's, segmenter's or classifier's predictions on images or a video.
 
     python tools/demo.py --config-file configs/toy/mask_rcnn_convvitdet_toy.py \
         --input 'datasets/toy/*.png' --output out/ --opts train.init_checkpoint=model_final.pth
     python tools/demo.py --config-file configs/ADE20K/upernet_convmae_toy.yaml \
         --input img.jpg --output out/ --opts MODEL.WEIGHTS model_final.pth
     python tools/demo.py --config-file ... --video-input clip.mp4 --output clip_pred.mp4
+    python tools/demo.py --config-file configs/toy/convvit_toy_finetune.py \
+        --input 'datasets/toy_imagenet/val/star/*.png' --output out/ --weights model_final.pth
     python tools/demo.py --exported out/det_onnx --input img.jpg --output out/
 
 LazyConfig (.py, overrides ``key=value``) and yacs (.yaml, overrides ``KEY VALUE``) both work;
@@ -14,7 +16,8 @@ an unknown override key or a value of the wrong type is refused (one ``error:`` 
 Before drawing, the tool says what it shows: the checkpoint report (one line when every parameter
 was loaded; a ``WARNING`` when weights are missing, partial or mostly not in the file), the classes
 the model knows, and the inference paths. Then one line per image (instances above the threshold,
-by class; or the classes of a segmentation) and, with several inputs, a summary.
+by class; the classes of a segmentation; a classifier's top-5 classes with their probabilities,
+drawn in a panel beside the image) and, with several inputs, a summary.
 
 Inference uses SDPA attention and channels-last convolutions in fp32 (same detections as the plain
 path, ``--plain``). ``--dtype bf16`` runs under autocast where the CPU (AVX512-BF16 or AMX) or GPU
@@ -95,7 +98,15 @@ def _counts_text(counts, name_of, task: str, total_pixels: int = 0) -> str:
     return ", ".join(f"{n} {name_of(c)}" for c, n in counts.most_common())
 
 
-def _image_line(path, counts, name_of, task: str, threshold: float, seconds: float) -> str:
+def _image_line(
+    path, counts, name_of, task: str, threshold: float, seconds: float, output=None
+) -> str:
+    if task == "classification":
+        from convmae_det.visualization.overlay import top_classes
+
+        top = top_classes(output["scores"], 5)
+        shown = ", ".join(f"{name_of(c)} {100.0 * p:.1f}%" for c, p in top)
+        return f"{path}: {name_of(top[0][0])} (top-{len(top)}: {shown}), {seconds:.2f} s"
     if task == "sem_seg":
         total = sum(counts.values())
         what = f"{len(counts)} classes ({_counts_text(counts, name_of, task, total)})"
@@ -107,6 +118,9 @@ def _image_line(path, counts, name_of, task: str, threshold: float, seconds: flo
 
 
 def _summary_line(drawn: int, totals, images_with, name_of, task: str, threshold: float) -> str:
+    if task == "classification":
+        per_class = ", ".join(f"{name_of(c)} {k}" for c, k in totals.most_common())
+        return f"summary: {drawn} images classified; top-1 classes: {per_class}"
     if task == "sem_seg":
         seen = ", ".join(f"{name_of(c)} ({n})" for c, n in images_with.most_common())
         return f"summary: {drawn} images drawn; classes (images they appear in): {seen or 'none'}"
@@ -220,6 +234,7 @@ def main(argv=None) -> int:
     totals: Counter = Counter()  # instances per class (detectors)
     images_with: Counter = Counter()  # images each class appears in
     seconds_total = 0.0
+    last_output = [None]  # the output of the last image (a classifier's line shows its scores)
 
     def draw(rgb):
         nonlocal seconds_total
@@ -230,6 +245,7 @@ def main(argv=None) -> int:
         counts = count_instances(output, threshold)
         totals.update(counts)
         images_with.update(counts.keys())
+        last_output[0] = output
         return draw_prediction(rgb, output, predictor.metadata, **draw_kw), counts, seconds
 
     status = 0
@@ -266,7 +282,9 @@ def main(argv=None) -> int:
                 )
             )
             Image.fromarray(np.asarray(picture)).save(out)
-            line = _image_line(path, counts, predictor.class_name, task, threshold, seconds)
+            line = _image_line(
+                path, counts, predictor.class_name, task, threshold, seconds, last_output[0]
+            )
             tqdm.tqdm.write(f"{line} -> {out}", sys.stdout)
         if len(files) > 1 and drawn:
             print(

@@ -6,11 +6,13 @@
 2. load that checkpoint into a toy ConvViTDet Mask R-CNN (the loader's report is printed), train
    it, evaluate box / mask AP on the held-out images and draw its predicted masks;
 3. train a toy ConvViT + UperNet segmenter, evaluate mIoU next to a constant-prediction baseline;
-4. draw the predicted masks, reconstructions and training curves into ``pictures/`` and print a
+4. fine-tune and linear-probe the pretraining checkpoint on the toy shapes classification set,
+   evaluate top-1 against chance and draw the fine-tuned model's top classes;
+5. draw the predicted masks, reconstructions and training curves into ``pictures/`` and print a
    summary and the folder that holds every picture, log and metrics file.
 
     python tools/run_demo.py [--output-dir demo_output] [--pretrain-epochs 20] [--skip-pretrain]
-        [--skip-detection] [--skip-segmentation]
+        [--skip-detection] [--skip-segmentation] [--skip-classification]
 """
 
 import argparse
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-pretrain", action="store_true")
     parser.add_argument("--skip-detection", action="store_true")
     parser.add_argument("--skip-segmentation", action="store_true")
+    parser.add_argument("--skip-classification", action="store_true")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.output_dir)
     os.makedirs(out, exist_ok=True)
@@ -58,7 +61,7 @@ def main(argv=None) -> int:
 
     checkpoint = ""
     if not args.skip_pretrain:
-        _banner(f"1/3 FastConvMAE pretraining on the toy images ({args.pretrain_epochs} epochs)")
+        _banner(f"1/4 FastConvMAE pretraining on the toy images ({args.pretrain_epochs} epochs)")
         t = time.time()
         checkpoint = run_pretraining_step(out, args.pretrain_epochs)
         summary["pretrain"] = {"checkpoint": checkpoint, "seconds": round(time.time() - t, 1)}
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
         from convmae_det.visualization.demo_detection import run_detection_demo
 
         source = "the toy pretraining checkpoint" if checkpoint else "scratch"
-        _banner(f"2/3 toy ConvViTDet Mask R-CNN from {source}")
+        _banner(f"2/4 toy ConvViTDet Mask R-CNN from {source}")
         det = run_detection_demo(os.path.join(out, "detection"), init_checkpoint=checkpoint)
         summary["detection"] = {
             k: det[k]
@@ -81,12 +84,26 @@ def main(argv=None) -> int:
     if not args.skip_segmentation:
         from convmae_det.engine.seg_demo import run_segmentation_demo
 
-        _banner("3/3 toy ConvViT + UperNet segmentation")
+        _banner("3/4 toy ConvViT + UperNet segmentation")
         seg = run_segmentation_demo(os.path.join(out, "segmentation"))
         summary["segmentation"] = seg
         print(
             f"toy segmenter: mIoU {seg['miou']:.1f} "
             f"(constant-prediction baseline {seg['baseline_miou']:.1f})"
+        )
+
+    if not args.skip_classification:
+        from convmae_det.visualization.demo_classification import run_classification_demo
+
+        source = "the toy pretraining checkpoint" if checkpoint else "scratch"
+        _banner(f"4/4 toy ConvViT classification: fine-tuning and linear probe from {source}")
+        cls = run_classification_demo(
+            os.path.join(out, "classification"), init_checkpoint=checkpoint
+        )
+        summary["classification"] = cls
+        print(
+            f"toy classifier: fine-tuned top-1 {cls['finetune']['top1']:.1f}, linear probe "
+            f"top-1 {cls['linprobe']['top1']:.1f} (chance {cls['chance_top1']:.1f})"
         )
 
     from convmae_det.visualization import write_demo_pictures

@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_SIZES",
     "build_preset",
     "synthetic_detection_batch",
+    "synthetic_classification_batch",
     "make_step",
 ]
 
@@ -293,19 +294,20 @@ def make_step(
 
         return step, info
 
-    num_classes = getattr(getattr(model, "roi_heads", None), "num_classes", 80)
-    seg_head = getattr(model, "sem_seg_head", None)  # semantic segmentors train on label maps
-    batch = synthetic_detection_batch(
-        batch_size,
-        image_size,
-        num_instances=num_instances,
-        num_classes=num_classes,
-        mask_format=mask_format,
-        with_instances=mode == "train" and seg_head is None,
-        sem_seg_classes=seg_head.num_classes if mode == "train" and seg_head is not None else None,
-        ignore_value=getattr(seg_head, "ignore_value", 255),
-        device=device,
-    )
+    classifier_classes = _classifier_classes(model)
+    if classifier_classes is not None:
+        if mode == "train" and getattr(model, "mixup", None) is not None and batch_size % 2:
+            raise BenchmarkSetupError(
+                f"--batch-size {batch_size}: the classifier trains with mixup / cutmix, which "
+                "pairs the images of a batch; give an even batch size"
+            )
+        batch = synthetic_classification_batch(
+            batch_size, image_size, num_classes=classifier_classes, device=device
+        )
+    else:
+        batch = _detection_or_segmentation_batch(
+            model, mode, batch_size, image_size, num_instances, mask_format, device
+        )
     if mode == "inference":
         model.eval()
         if full_detections:
@@ -336,3 +338,48 @@ def make_step(
         return loss
 
     return step, info
+
+
+def _classifier_classes(model: nn.Module) -> Optional[int]:
+    """Classes of an image classifier (``net.num_classes`` of an ``ImageClassifier``), else None."""
+    net = getattr(model, "net", None)
+    if hasattr(model, "criterion") and net is not None:
+        return getattr(net, "num_classes", None)
+    return None
+
+
+def synthetic_classification_batch(
+    batch_size: int, image_size: Tuple[int, int], *, num_classes: int, device: torch.device
+) -> List[Dict[str, Any]]:
+    """A classifier's ``batched_inputs`` without a dataset: normalised float (3, H, W) images
+    (what the classification mapper gives) and labels ``i % num_classes``."""
+    h, w = image_size
+    gen = torch.Generator().manual_seed(0)
+    return [
+        {"image": torch.randn(3, h, w, generator=gen).to(device), "label": i % num_classes}
+        for i in range(batch_size)
+    ]
+
+
+def _detection_or_segmentation_batch(
+    model: nn.Module,
+    mode: str,
+    batch_size: int,
+    image_size: Tuple[int, int],
+    num_instances: int,
+    mask_format: str,
+    device: torch.device,
+) -> List[Dict[str, Any]]:
+    num_classes = getattr(getattr(model, "roi_heads", None), "num_classes", 80)
+    seg_head = getattr(model, "sem_seg_head", None)  # semantic segmentors train on label maps
+    return synthetic_detection_batch(
+        batch_size,
+        image_size,
+        num_instances=num_instances,
+        num_classes=num_classes,
+        mask_format=mask_format,
+        with_instances=mode == "train" and seg_head is None,
+        sem_seg_classes=seg_head.num_classes if mode == "train" and seg_head is not None else None,
+        ignore_value=getattr(seg_head, "ignore_value", 255),
+        device=device,
+    )

@@ -66,6 +66,10 @@ _IGNORED_GROUPS: List[Tuple[str, re.Pattern]] = [
 _NEW_BY_DESIGN = re.compile(
     r"(^|\.)(relative_position_bias_table|rel_pos_h|rel_pos_w|gamma_1|gamma_2)$"
 )
+# A classifier's head and its pooled-feature norm (keys relative to the encoder): fresh when the
+# file has none (a pretraining checkpoint) or one for another class count.
+_CLASSIFIER_HEAD = re.compile(r"^(fc_norm|head)\.")
+_FRESH_HEAD = "classification head (fresh: not in the checkpoint)"
 
 KeyMapper = Callable[[str, str], Optional[str]]
 _KEY_MAPPERS: "OrderedDict[str, KeyMapper]" = OrderedDict()
@@ -359,6 +363,13 @@ def convert_checkpoint(
                     break
         if dest is not None and dest in target:
             adapted = _adapt(rel if rel is not None else key, value, target[dest], enc)
+            if adapted is None and rel is not None and _CLASSIFIER_HEAD.match(rel):
+                group = (
+                    f"classification head of another size (file {tuple(value.shape)}, "
+                    f"model {tuple(target[dest].shape)}): fresh"
+                )
+                report.ignored.setdefault(group, []).append(key)
+                continue
             if adapted is None:
                 report.mismatched.append((dest, tuple(value.shape), tuple(target[dest].shape)))
                 continue
@@ -388,6 +399,8 @@ def convert_checkpoint(
             report.initialised.setdefault(
                 "relative positions / layer scale (zero or 1.0 init)", []
             ).append(key)
+        elif in_encoder and _CLASSIFIER_HEAD.match(rel):
+            report.initialised.setdefault(_FRESH_HEAD, []).append(key)
         elif in_encoder and rel.startswith(("fpn.", "ms_adaptor.")):
             report.initialised.setdefault("backbone adaptor (E4)", []).append(key)
         elif in_encoder and src_prefix is not None:

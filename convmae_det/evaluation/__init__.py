@@ -1,5 +1,6 @@
-"""Evaluation helpers: the COCO evaluation backend."""
+"""Evaluation helpers: the COCO evaluation backend and the classification evaluator."""
 
+from .classification import ClassificationEvaluator
 from .coco_backend import (
     COCOEVAL_BACKENDS,
     cocoeval_backend,
@@ -11,6 +12,7 @@ from .coco_backend import (
 
 __all__ = [
     "COCOEVAL_BACKENDS",
+    "ClassificationEvaluator",
     "cocoeval_backend",
     "detectron2_cocoeval",
     "evaluate_predictions_on_coco",

@@ -14,11 +14,13 @@ def get_convvit_lr_decay_rate(name: str, lr_decay_rate: float = 1.0, num_layers:
     everything else (shared relative tables, E4 adaptor, necks and heads) -> num_layers + 1.
     Returns ``lr_decay_rate ** (num_layers + 1 - layer_id)``.
 
-    Works for plain ViT names too (``blocks.i`` -> i + 1, ``patch_embed`` -> 0), so the MAE ViTDet
+    Names are those of a detector / segmenter (``backbone.*``), an encoder (``encoder.*``) or a
+    classifier (``net.*``: ``fc_norm`` and ``head`` take the last id, as the official
+    ``param_groups_lrd`` of ConvMAE fine-tuning). Works for plain ViT names too (``blocks.i`` -> i + 1, ``patch_embed`` -> 0), so the MAE ViTDet
     baseline uses the same function with ``num_layers=12``.
     """
     layer_id = num_layers + 1
-    if name.startswith("backbone") or name.startswith("encoder") or "." not in name:
+    if name.startswith(("backbone", "encoder", "net.")) or "." not in name:
         if re.search(r"\.?(patch_embed\d?|pos_embed|cls_token|blocks1|blocks2)(\.|$)", name):
             layer_id = 0
         else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import shutil
 from typing import List
 
 import numpy as np
@@ -52,7 +53,10 @@ def write_demo_pictures(
     * ``detection/model_final.pth`` -> ``pictures/detection_{i}.png`` (toy_coco_val overlays);
     * ``segmentation/model_final.pth`` -> ``pictures/segmentation_{i}.png`` (with legend);
     * ``pretrain/checkpoint-*.pth`` -> ``pictures/recon_*.png`` (reconstruction grids);
+    * ``classification/predictions.png`` (top-5 classes, drawn by the classification demo) ->
+      ``pictures/classification.png``;
     * ``*/metrics.json(l)`` -> ``pictures/{detection,segmentation,pretrain}_curves.png`` etc.
+      (``classification_finetune_*`` for the fine-tuning run).
 
     Returns the written paths (missing parts are skipped with a log line).
     """
@@ -97,11 +101,15 @@ def write_demo_pictures(
         else:
             images = [d["file_name"] for d in DatasetCatalog.get("toy_coco_val")[:2]]
             paths += save_reconstruction_grids(model, images, pictures, scale=3)
-    for part in ("pretrain", "detection", "segmentation"):
+    drawn = os.path.join(demo_dir, "classification", "predictions.png")
+    if os.path.isfile(drawn):
+        shutil.copyfile(drawn, os.path.join(pictures, "classification.png"))
+        paths.append(os.path.join(pictures, "classification.png"))
+    for part in ("pretrain", "detection", "segmentation", "classification/finetune"):
         folder = os.path.join(demo_dir, part)
         if any(os.path.isfile(os.path.join(folder, f)) for f in ("metrics.json", "metrics.jsonl")):
             try:
-                paths += plot_metrics(folder, pictures, prefix=f"{part}_")
+                paths += plot_metrics(folder, pictures, prefix=f"{part.replace('/', '_')}_")
             except ValueError as exc:
                 logger.warning("No curves for %s: %s", part, exc)
     return paths

@@ -1,4 +1,4 @@
-"""Instance and semantic overlays: masks blended exactly on their pixels, then outlines, boxes,
+"""Instance and semantic overlays, and the top classes of a classifier: masks blended exactly on their pixels, then outlines, boxes,
 class names and scores drawn with detectron2's ``Visualizer``; a class legend for segmentations.
 
 Mask blending is done here (``out = (1 - alpha) * image + alpha * colour`` on the mask pixels and
@@ -30,6 +30,9 @@ __all__ = [
     "draw_instances",
     "draw_instances_with_labels",
     "draw_semantic",
+    "draw_classification",
+    "top_classes",
+    "class_label",
     "draw_legend",
     "draw_prediction",
     "legend_colors",
@@ -315,6 +318,39 @@ def draw_legend(
     return np.asarray(panel)
 
 
+def top_classes(scores, k: int = 5) -> List[Tuple[int, float]]:
+    """The ``k`` most probable ``(class id, probability)`` of a classifier's (K,) ``scores``."""
+    import torch
+
+    scores = torch.as_tensor(scores).float().cpu()
+    values, ids = scores.topk(min(int(k), scores.numel()))
+    return [(int(i), float(v)) for i, v in zip(ids, values)]
+
+
+def class_label(class_id: int, metadata=None) -> str:
+    """The name of ``class_id`` in ``metadata.classes`` (classifiers) or ``thing_classes``, else
+    its number."""
+    names = getattr(metadata, "classes", None) or getattr(metadata, "thing_classes", None)
+    names = list(names or [])
+    return names[class_id] if 0 <= class_id < len(names) else str(class_id)
+
+
+def draw_classification(image: np.ndarray, scores, metadata=None, *, topk: int = 5) -> np.ndarray:
+    """The (H, W, 3) uint8 RGB image with a panel on its right listing the ``topk`` classes of
+    ``scores`` ((K,) probabilities), most probable first, as "name 91.2%" in class colours."""
+    colors = class_colors(metadata, num_classes=len(scores))
+    entries = [
+        (f"{class_label(c, metadata)} {100.0 * p:.1f}%", colors[c % len(colors)])
+        for c, p in top_classes(scores, topk)
+    ]
+    height = max(image.shape[0], 8 + 27 * len(entries))
+    if height > image.shape[0]:  # a small image: pad it below so the panel fits
+        pad = np.full((height - image.shape[0],) + image.shape[1:], 255, dtype=image.dtype)
+        image = np.concatenate([image, pad], axis=0)
+    panel = draw_legend(entries, height=height, font_size=18)
+    return np.concatenate([image, panel], axis=1)
+
+
 def _upscale_instances(inst: Instances, s: int) -> Instances:
     h, w = inst.image_size
     out = Instances((h * s, w * s))
@@ -352,6 +388,8 @@ def draw_prediction(
         if scale > 1:
             inst = _upscale_instances(inst, scale)
         return draw_instances(image, inst, metadata, alpha=alpha, color_mode=color_mode)
+    if "pred_class" in output and "scores" in output:
+        return draw_classification(image, output["scores"], metadata)
     if "sem_seg" in output:
         seg = output["sem_seg"].argmax(0).cpu().numpy()
         if scale > 1:
@@ -359,5 +397,5 @@ def draw_prediction(
         return draw_semantic(image, seg, metadata, alpha=alpha, legend=legend)
     raise ValueError(
         f"cannot draw a model output with keys {sorted(output)}; expected "
-        "'instances' or 'sem_seg'"
+        "'instances', 'sem_seg' or a classifier's 'scores' / 'pred_class'"
     )

@@ -8,6 +8,8 @@ own size.
 It also says what it shows: :attr:`Predictor.weights_report` tells how much of the model the
 checkpoint filled (a typo'd weights key, no weights or a checkpoint of another model otherwise draw
 a random model without a word), :meth:`Predictor.describe_model` names the classes the model knows.
+A classifier (:class:`~convmae_det.modeling.classifier.ImageClassifier`) reads each image through
+the config's test transform (``dataloader.test.mapper.transform``) and returns its class scores.
 
 Inference runs with the fast paths that keep the numbers (:data:`INFERENCE_PATHS`: SDPA attention
 and channels-last convolutions, fp32): same detections as the plain path (explicit attention,
@@ -23,17 +25,19 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
+from PIL import Image
 
 from ..data.detection_mapper import UnreadableImageError, read_image_checked
 from ..fast_paths import FastPaths, apply_fast_paths, autocast, fast_path_coverage
 from ..model_from_config import build_model_from_config, load_any_config
+from ..modeling.classifier import ImageClassifier
 
 __all__ = [
     "INFERENCE_PATHS",
@@ -127,6 +131,20 @@ def test_metadata(cfg: Any, kind: str):
     except (AttributeError, KeyError):
         name = None
     return MetadataCatalog.get(name or "__unused")
+
+
+def classification_transform(cfg: Any) -> Callable:
+    """The test transform of a classification LazyConfig (``dataloader.test.mapper.transform``:
+    PIL image -> normalised (3, H, W) tensor)."""
+    from detectron2.config import instantiate
+
+    try:
+        node = cfg.dataloader.test.mapper.transform
+    except (AttributeError, KeyError):
+        raise ValueError(
+            "a classifier config needs dataloader.test.mapper.transform (the test transform)"
+        ) from None
+    return instantiate(node)
 
 
 class UnsupportedDtypeError(ValueError):
@@ -282,9 +300,9 @@ def weights_report(model: nn.Module, source: str = "", report: Any = None) -> We
 
 
 def model_num_classes(model: nn.Module) -> Optional[int]:
-    """Classes a detector (``roi_heads.num_classes``) or segmenter (``sem_seg_head.num_classes``)
-    predicts; None when neither is there."""
-    for head in ("roi_heads", "sem_seg_head"):
+    """Classes a detector (``roi_heads.num_classes``), segmenter (``sem_seg_head.num_classes``)
+    or classifier (``net.num_classes``) predicts; None when none is there."""
+    for head in ("roi_heads", "sem_seg_head", "net"):
         n = getattr(getattr(model, head, None), "num_classes", None)
         if n is not None:
             return int(n)
@@ -292,13 +310,15 @@ def model_num_classes(model: nn.Module) -> Optional[int]:
 
 
 def count_instances(output: Dict[str, Any], threshold: float) -> Counter:
-    """{class id: instances with score >= ``threshold``} of a detector's output, or {class id:
-    pixels} of a segmenter's (argmax of ``sem_seg``)."""
+    """{class id: instances with score >= ``threshold``} of a detector's output, {class id:
+    pixels} of a segmenter's (argmax of ``sem_seg``), {predicted class: 1} of a classifier's."""
     if "instances" in output:
         inst = output["instances"].to("cpu")
         keep = inst.scores >= threshold if inst.has("scores") else slice(None)
         classes = inst.pred_classes[keep] if inst.has("pred_classes") else []
         return Counter(int(c) for c in classes)
+    if "pred_class" in output:
+        return Counter({int(output["pred_class"]): 1})
     if "sem_seg" in output:
         ids, counts = output["sem_seg"].argmax(0).cpu().unique(return_counts=True)
         return Counter({int(i): int(n) for i, n in zip(ids, counts)})
@@ -366,6 +386,7 @@ class Predictor:
         self.metadata = test_metadata(cfg, kind)
         self.input_format = input_format(cfg, kind)
         self.augmentations = T.AugmentationList(test_augmentations(cfg, kind))
+        self.transform = classification_transform(cfg) if self.task == "classification" else None
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray, *, image_format: str = "RGB") -> Dict[str, Any]:
@@ -381,6 +402,12 @@ class Predictor:
             raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"image_format={image_format!r}; expected 'RGB' or 'BGR'")
+        if self.transform is not None:  # a classifier: the config's test transform
+            rgb = image if image_format == "RGB" else image[:, :, ::-1]
+            tensor = self.transform(Image.fromarray(np.ascontiguousarray(rgb)))
+            with autocast(self.device, self.paths.dtype):
+                output = self.model([{"image": tensor.to(self.device)}])[0]
+            return _to_fp32(output)
         if image_format != self.input_format:
             image = image[:, :, ::-1]
         height, width = image.shape[:2]
@@ -394,7 +421,10 @@ class Predictor:
 
     @property
     def task(self) -> str:
-        """ "sem_seg" for semantic segmenters, "instances" otherwise."""
+        """ "sem_seg" for semantic segmenters, "classification" for classifiers, "instances"
+        otherwise."""
+        if isinstance(self.model, ImageClassifier):
+            return "classification"
         if self.kind == "yacs":
             return "sem_seg" if _is_semantic_yacs(self.cfg) else "instances"
         return "sem_seg" if hasattr(self.model, "sem_seg_head") else "instances"
@@ -402,8 +432,11 @@ class Predictor:
     @property
     def class_names(self) -> List[str]:
         """The class names of the test dataset's metadata (``thing_classes`` for detectors,
-        ``stuff_classes`` for segmenters); [] when none are registered."""
-        key = "stuff_classes" if self.task == "sem_seg" else "thing_classes"
+        ``stuff_classes`` for segmenters, ``classes`` for classifiers); [] when none are
+        registered."""
+        key = {"sem_seg": "stuff_classes", "classification": "classes"}.get(
+            self.task, "thing_classes"
+        )
         return list(getattr(self.metadata, key, None) or [])
 
     def describe_model(self, max_names: int = 12) -> List[str]:

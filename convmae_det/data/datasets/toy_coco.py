@@ -45,6 +45,10 @@ __all__ = [
     "generate_toy_split",
     "ensure_toy_split",
     "register_toy_coco",
+    "shape_polygon",
+    "textured_background",
+    "shape_fill",
+    "generation_lock",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,7 +75,7 @@ def toy_coco_root() -> str:
 
 
 # ------------------------------------------------------------------------------ geometry
-def _shape_polygon(kind: str, cx: float, cy: float, r: float, theta: float, aspect: float):
+def shape_polygon(kind: str, cx: float, cy: float, r: float, theta: float, aspect: float):
     """Vertices (K, 2) of a shape with circumradius ``r`` centred at (cx, cy), rotated by theta."""
     if kind == "circle":
         t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
@@ -126,7 +130,7 @@ def _visible_parts(polys: List[Polygon], frame) -> Optional[List]:
 
 
 # ------------------------------------------------------------------------------ rendering
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def textured_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """(h, w, 3) float image of one of four textures, moderately saturated."""
     base = rng.uniform(60, 200, size=3)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -155,7 +159,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return img.astype(np.float32)
 
 
-def _shape_fill(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def shape_fill(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """(h, w, 3) fill texture of one shape: a saturated colour with a soft gradient and noise."""
     hue = rng.uniform(0, 6)
     sector, frac = int(hue), hue - int(hue)
@@ -185,7 +189,7 @@ def _sample_image(rng: np.random.Generator) -> Tuple[np.ndarray, List[Tuple[int,
         r = min(r, 0.45 * min(h, w))
         cx, cy = rng.uniform(0.3 * r, w - 0.3 * r), rng.uniform(0.3 * r, h - 0.3 * r)
         aspect = float(np.exp(rng.uniform(-0.2, 0.2)))
-        pts = _shape_polygon(TOY_CLASSES[cls], cx, cy, r, rng.uniform(0, 2 * np.pi), aspect)
+        pts = shape_polygon(TOY_CLASSES[cls], cx, cy, r, rng.uniform(0, 2 * np.pi), aspect)
         candidate = Polygon(pts)
         parts = _visible_parts(polys + [candidate], frame)
         if parts is None:
@@ -194,14 +198,14 @@ def _sample_image(rng: np.random.Generator) -> Tuple[np.ndarray, List[Tuple[int,
         classes.append(cls)
         visible = parts
 
-    img = _background(rng, h, w)
+    img = textured_background(rng, h, w)
     for poly in polys:
         mask_img = Image.new("L", (w, h), 0)
         ImageDraw.Draw(mask_img).polygon(
             [tuple(p) for p in np.asarray(poly.exterior.coords)], fill=255
         )
         mask = (np.asarray(mask_img, dtype=np.float32) / 255.0)[..., None]
-        img = img * (1 - mask) + _shape_fill(rng, h, w) * mask
+        img = img * (1 - mask) + shape_fill(rng, h, w) * mask
     image = np.clip(np.round(img), 0, 255).astype(np.uint8)
     return image, list(zip(classes, visible))
 
@@ -265,8 +269,9 @@ def generate_toy_split(root: str, split: str, num_images: int, seed: int) -> str
 
 
 @contextlib.contextmanager
-def _locked(root: str):
-    """Serialise generation between processes (e.g. the ranks of a distributed run)."""
+def generation_lock(root: str):
+    """Serialise generation between processes (e.g. the ranks of a distributed run): holds an
+    exclusive lock on ``root/.lock`` (created with ``root``) while the body runs."""
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, ".lock"), "w") as f:
         try:
@@ -305,7 +310,7 @@ def ensure_toy_split(name: str, root: Optional[str] = None) -> Tuple[str, str]:
     json_file = os.path.join(root, "annotations", f"instances_{split}.json")
     image_root = os.path.join(root, split)
     if not _is_current(json_file, num, seed):
-        with _locked(root):
+        with generation_lock(root):
             if not _is_current(json_file, num, seed):
                 logger.info(f"Generating toy dataset {name} ({num} images) into {root} ...")
                 generate_toy_split(root, split, num, seed)
