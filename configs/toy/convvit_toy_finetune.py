@@ -9,7 +9,6 @@
 # flip, no RandAugment or erasing, mixup 0.2 with label smoothing 0.1.
 from functools import partial
 
-from convmae_det.modeling.pretrain import TOY_ENCODER_KWARGS as _TOY_ENCODER
 from convmae_det.solver import get_convvit_lr_decay_rate
 
 from ..ImageNet.convvit_b_finetune_100ep import (
@@ -19,34 +18,14 @@ from ..ImageNet.convvit_b_finetune_100ep import (
     optimizer,
     train,
 )
+from ..common.toy_classification import use_toy_classification
 
-net = model.net
-for _key, _value in _TOY_ENCODER.items():  # the toy pretraining encoder: its checkpoint loads
-    setattr(net, _key, _value)
-net.num_classes = 5
-net.pos_embed_hw = (4, 4)  # the 64-px grid of the toy pretraining
-net.drop_path_rate = 0.1
+use_toy_classification(model, dataloader, train, batch_size=32, max_iter=600)
+model.net.drop_path_rate = 0.1
 model.mixup.mixup_alpha = 0.2
 model.mixup.cutmix_alpha = 0.0
-
-dataloader.train.dataset.names = "toy_imagenet_train"
-dataloader.train.mapper.transform.input_size = 64
 dataloader.train.mapper.transform.auto_augment = None
 dataloader.train.mapper.transform.re_prob = 0.0
-dataloader.train.mapper.transform.scale = (0.5, 1.0)
-dataloader.train.total_batch_size = 32
-dataloader.train.num_workers = 0
-dataloader.test.dataset.names = "toy_imagenet_val"
-dataloader.test.mapper.transform.input_size = 64  # resize 73 (64 / 0.875), centre crop 64
-dataloader.test.batch_size = 32
-dataloader.test.num_workers = 0
-
-train.device = "cpu"
-train.max_iter = 600
-train.eval_period = 0
-train.log_period = 20
-train.checkpointer = dict(period=600, max_to_keep=2)
-train.seed = 0
 train.output_dir = "./output/toy/convvit_toy_finetune"
 
 optimizer.lr = 1e-3  # 2e-3 learns more slowly here, 4e-3 not at all
