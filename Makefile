@@ -46,7 +46,7 @@ readme-pictures: install
 	mkdir -p docs/pictures
 	cp demo_output/pictures/detection_1.png demo_output/pictures/segmentation_0.png \
 	   demo_output/pictures/recon_val_000000.png demo_output/pictures/detection_curves.png \
-	   docs/pictures/
+	   demo_output/pictures/classification.png docs/pictures/
 
 lint: install
 	$(PY) -m pip install -q black
