@@ -271,6 +271,7 @@ YAML_CALLABLE_MODULES = (
     "convmae_det.solver",
     "convmae_det.engine.optim",
     "convmae_det.engine.detection_eval",
+    "convmae_det.evaluation",
     "detectron2.modeling",
     "detectron2.layers",
     "detectron2.data",
@@ -279,6 +280,9 @@ YAML_CALLABLE_MODULES = (
     "fvcore.common.param_scheduler",
     "torch.nn",
     "torch.optim",
+    "timm.data.mixup",  # Mixup (classification recipes)
+    "timm.loss",  # soft-target / label-smoothing cross entropy
+    "timm.optim.lars",  # LARS (linear probing)
 )
 _IMPORTABLE_PACKAGES = {m.split(".")[0] for m in YAML_CALLABLE_MODULES}
 # arguments of allowed callables that make detectron2 read a file with pickle.load (proposals:

@@ -408,7 +408,8 @@ def test_resume_continues_from_iteration_6(toy_run, tmp_path):
     assert [r["iteration"] for r in rows if "total_loss" in r] == list(range(8))
     with open(os.path.join(again, "final_metrics.json")) as f:
         assert json.load(f)["classification"]["num_images"] == 120
-    assert [r["iteration"] for r in rows if "classification/top1" in r][-1] == 8
+    # the finished run's final evaluation (at its max_iter 6) stays; the extension adds one at 8
+    assert [r["iteration"] for r in rows if "classification/top1" in r] == [6, 8]
 
 
 def test_eval_only_reproduces_the_final_evaluation(toy_run, tmp_path):

@@ -288,6 +288,11 @@ def test_lazy_yaml_target_outside_the_allowed_modules_is_refused(loader, tmp_pat
         "detectron2.data.common.pickle.loads",  # allowed-looking path to a builtin elsewhere
         "torch.nn.modules.module.torch.load",
         "convmae_det.checkpoint.io.load_checkpoint_file",  # allow_unsafe=True would unpickle
+        # the classification recipes allow timm's mixup, losses and LARS, not the rest of timm
+        "timm.models.load_checkpoint",  # torch.load of a file named in the config
+        "timm.data.mixup.torch.load",
+        "timm.loss.cross_entropy.torch.load",
+        "timm.data.create_dataset",
     ],
 )
 def test_lazy_yaml_target_is_checked_where_it_resolves_not_by_its_spelling(target, tmp_path):

@@ -108,6 +108,15 @@ def load_weights(checkpointer: ConvMAECheckpointer, path: str, *, strict: bool =
         checkpointer.strict = previous
 
 
+def _resumed_final_checkpoint(checkpointer) -> bool:
+    """Whether the checkpoint a resume loaded is ``model_final.pth``, the one written only by
+    a completed last iteration."""
+    try:
+        return os.path.basename(checkpointer.get_checkpoint_file()) == "model_final.pth"
+    except (OSError, AttributeError):
+        return False
+
+
 def run_training(
     model: nn.Module,
     data_loader: Iterable,
@@ -179,7 +188,12 @@ def run_training(
         start_iter = 0
     if main:
         if resume:  # rows logged after the checkpoint: the resumed run logs them again
-            drop_metrics_after(os.path.join(settings.output_dir, "metrics.json"), start_iter - 1)
+            # except the final evaluation of a completed run (logged at its max_iter, which is
+            # start_iter when extending it from model_final): nothing logs that row again
+            last = start_iter - 1
+            if start_iter and _resumed_final_checkpoint(checkpointer):
+                last = start_iter
+            drop_metrics_after(os.path.join(settings.output_dir, "metrics.json"), last)
         # the writers (last hook) open metrics.json for appending: only once it was cut
         trainer.register_hooks([writer_hook(settings)])
     if start_iter >= settings.max_iter:
