@@ -21,6 +21,7 @@ from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
 from ..ade20k_labels import convert_ade20k_label
 from ..toy_ade20k import TOY_ADE20K_CLASSES, ensure_toy_ade20k
+from .registration import register_dataset
 
 __all__ = [
     "ADE20K_PALETTE",
@@ -116,11 +117,9 @@ def register_toy_ade20k(root: str) -> None:
         name = f"toy_ade20k_sem_seg_{split}"
         image_dir = os.path.join(base, "images", dirname)
         gt_dir = os.path.join(base, "annotations_detectron2", dirname)
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, _toy_loader(base, image_dir, gt_dir))
-        MetadataCatalog.get(name).set(
+        register_dataset(
+            name,
+            _toy_loader(base, image_dir, gt_dir),
             stuff_classes=list(TOY_ADE20K_CLASSES),
             stuff_colors=[list(c) for c in ADE20K_PALETTE[: len(TOY_ADE20K_CLASSES)]],
             image_root=image_dir,

@@ -25,7 +25,9 @@ import os
 from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
+
+from .registration import register_dataset
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -225,17 +227,13 @@ def register_image_folder_dataset(
     """
     split_root = os.path.join(root, split)
     reference_root = os.path.join(root, classes_from) if classes_from is not None else None
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
     class_list = None if classes is None else [str(c) for c in classes]
-    DatasetCatalog.register(name, _loader(name, split_root, class_list, reference_root))
     metadata: Dict[str, object] = dict(
         image_root=split_root, dataset_root=root, evaluator_type="classification"
     )
     if class_list is not None:
         metadata["classes"] = class_list
-    MetadataCatalog.get(name).set(**metadata)
+    register_dataset(name, _loader(name, split_root, class_list, reference_root), **metadata)
 
 
 def register_imagenet(root: Optional[str] = None) -> None:

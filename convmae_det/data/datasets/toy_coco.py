@@ -31,12 +31,13 @@ import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from PIL import Image, ImageDraw
 from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.ops import unary_union
 
 from ..annotation_checks import load_coco_json_checked
+from .registration import register_dataset
 
 __all__ = [
     "TOY_CLASSES",
@@ -332,13 +333,10 @@ def register_toy_coco(names: Sequence[str] = tuple(TOY_SPLITS), root: Optional[s
     for name in names:
         split = TOY_SPLITS[name][0]
         json_file = os.path.join(root, "annotations", f"instances_{split}.json")
-        if name in DatasetCatalog.list():
-            if MetadataCatalog.get(name).get("json_file") == json_file:
-                continue
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda name=name: _load(name))
-        MetadataCatalog.get(name).set(
+        register_dataset(
+            name,
+            lambda name=name: _load(name),
+            keep_if=("json_file", json_file),
             json_file=json_file,
             image_root=os.path.join(root, split),
             evaluator_type="coco",

@@ -32,10 +32,11 @@ import tempfile
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from PIL import Image, ImageDraw
 
 from .imagenet import load_image_folder
+from .registration import register_dataset
 from .toy_coco import (
     TOY_CLASSES,
     generation_lock,
@@ -194,13 +195,10 @@ def register_toy_imagenet(
     root = os.path.abspath(root or toy_imagenet_root())
     for name in names:
         image_root = os.path.join(root, TOY_IMAGENET_SPLITS[name][0])
-        if name in DatasetCatalog.list():
-            if MetadataCatalog.get(name).get("image_root") == image_root:
-                continue
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda name=name: _load(name))
-        MetadataCatalog.get(name).set(
+        register_dataset(
+            name,
+            lambda name=name: _load(name),
+            keep_if=("image_root", image_root),
             image_root=image_root,
             dataset_root=root,
             evaluator_type="classification",
