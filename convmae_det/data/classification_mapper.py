@@ -2,7 +2,8 @@
 transforms (fine-tuning, linear probing, evaluation).
 
 A record is a dict of :func:`convmae_det.data.datasets.imagenet.load_image_folder`
-(``file_name``, ``image_id``, ``label``). :class:`ClassificationMapper` reads the image with PIL
+(``file_name``, ``image_id``, ``label``). :class:`ClassificationMapper` reads the image with the
+data package's one checked reader (``read_image_checked``: EXIF orientation, errors naming the file)
 and applies a transform that returns a normalised float tensor (3, H, W), e.g. one built by
 :func:`build_classification_transform`. Every random choice of those transforms is drawn from
 the global ``random`` / ``numpy`` / ``torch`` generators, which
@@ -20,6 +21,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from .detection_mapper import UnreadableImageError, read_image_checked
+
 __all__ = [
     "ClassificationMapper",
     "build_classification_transform",
@@ -31,19 +34,10 @@ RECIPES = ("finetune", "linprobe")
 _PATCH = 16  # input sizes are multiples of the encoder's total stride
 
 
-class ImageReadError(OSError):
-    """An image file that cannot be read or decoded; the message names the file."""
-
-
-def _read_rgb(file_name: str) -> Image.Image:
-    """The fully decoded image as RGB; a missing, unreadable or truncated file raises
-    :class:`ImageReadError` naming it."""
-    try:
-        with Image.open(file_name) as im:
-            im.load()  # decode now: a truncated file fails here, not later in a transform
-            return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(f"cannot read image {file_name}: {type(exc).__name__}: {exc}") from exc
+ImageReadError = UnreadableImageError
+"""An image file that cannot be read or decoded (the data package's one unreadable-image error,
+raised by :func:`~convmae_det.data.detection_mapper.read_image_checked`); the message names the
+file and the cause."""
 
 
 class ClassificationMapper:
@@ -78,7 +72,7 @@ class ClassificationMapper:
         file_name = record["file_name"]
         if "label" not in record:
             raise KeyError(f"record of {file_name} has no 'label'")
-        image = self.transform(_read_rgb(file_name))
+        image = self.transform(Image.fromarray(read_image_checked(file_name)))
         if not (isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3):
             found = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
             raise TypeError(
